@@ -1,0 +1,111 @@
+"""absl flags for configs: ``--config=configs/x.py`` plus ``--config.a.b=v``.
+
+Every leaf field of :class:`dipr1_jax.config.Config` becomes a typed absl flag
+(float, int, bool, enum for ``Literal`` fields, list for tuples), so
+``--help`` lists them all with their defaults and absl rejects unknown names
+and unparsable values. Range checks run when the overridden config is
+rebuilt; all errors end as one line naming the flag (see ``parse_flags``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import typing
+from typing import Any, Literal
+
+from absl import flags
+
+from dipr1_jax.config import Config, ConfigError, leaf_fields, replace_path
+
+PREFIX = "config"
+
+
+def define_config_flags(default: Config | None = None, flag_values=flags.FLAGS) -> None:
+    """Defines ``--config`` and ``--config.<path>`` for every leaf of ``default``."""
+    default = default if default is not None else Config()
+    if PREFIX in flag_values:
+        return
+    flags.DEFINE_string(
+        PREFIX, None,
+        "Experiment file (e.g. configs/default.py) defining get_config() -> Config. "
+        "Without it the built-in defaults are used.",
+        flag_values=flag_values)
+    for path, ann, value in leaf_fields(default):
+        name = f"{PREFIX}.{path}"
+        origin = typing.get_origin(ann)
+        if origin is Literal:
+            flags.DEFINE_enum(name, value, [str(a) for a in typing.get_args(ann)],
+                              f"{path}", flag_values=flag_values)
+        elif ann is bool:
+            flags.DEFINE_bool(name, value, path, flag_values=flag_values)
+        elif ann is int:
+            flags.DEFINE_integer(name, value, path, flag_values=flag_values)
+        elif ann is float:
+            flags.DEFINE_float(name, value, path, flag_values=flag_values)
+        elif origin is tuple:
+            flags.DEFINE_list(name, [str(v) for v in value], path, flag_values=flag_values)
+        else:
+            flags.DEFINE_string(name, str(value), path, flag_values=flag_values)
+
+
+def load_config_file(path: str) -> Config:
+    """Imports ``path`` and returns its ``get_config()``; errors name the file."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config={path}: no such file")
+    spec = importlib.util.spec_from_file_location("_dipr1_experiment_config", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except ConfigError as e:
+        raise ConfigError(f"--config={path}: {e}") from None
+    except Exception as e:  # user code: report it, with its type
+        raise ConfigError(f"--config={path}: failed to load: {type(e).__name__}: {e}") from None
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"--config={path}: defines no get_config()")
+    try:
+        cfg = module.get_config()
+    except ConfigError as e:
+        raise ConfigError(f"--config={path}: {e}") from None
+    if not isinstance(cfg, Config):
+        raise ConfigError(f"--config={path}: get_config() returned {type(cfg).__name__}, "
+                          "expected dipr1_jax.config.Config")
+    return cfg
+
+
+def _convert(value: Any, ann: Any) -> Any:
+    origin = typing.get_origin(ann)
+    if origin is tuple:
+        args = typing.get_args(ann)
+        elem = args[0]
+        return tuple(elem(v) for v in value)
+    if origin is Literal:
+        for a in typing.get_args(ann):
+            if str(a) == value:
+                return a
+    return value
+
+
+def config_from_flags(flag_values=flags.FLAGS) -> Config:
+    """The config of ``--config`` (or the defaults) with every given override applied."""
+    path = flag_values[PREFIX].value
+    cfg = load_config_file(path) if path else Config()
+    for leaf, ann, _ in leaf_fields(cfg):
+        flag = flag_values[f"{PREFIX}.{leaf}"]
+        if not flag.present:
+            continue
+        try:
+            cfg = replace_path(cfg, leaf, _convert(flag.value, ann))
+        except (ConfigError, ValueError, TypeError) as e:
+            raise ConfigError(f"--{PREFIX}.{leaf}={flag.value}: {e}") from None
+    return cfg
+
+
+def parse_flags(argv: list[str], flag_values=flags.FLAGS) -> list[str]:
+    """absl flags parser for ``app.run`` that reports errors on one line, exit 2."""
+    try:
+        return flag_values(argv)
+    except flags.Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -20,6 +20,7 @@ from absl import flags
 from dipr1_jax.config import Config, ConfigError, leaf_fields, replace_path
 
 PREFIX = "config"
+_HELP_FLAGS = {"-h", "-?", "--help", "--helpshort", "--helpfull", "--helpxml"}
 
 
 def define_config_flags(default: Config | None = None, flag_values=flags.FLAGS) -> None:
@@ -32,22 +33,23 @@ def define_config_flags(default: Config | None = None, flag_values=flags.FLAGS) 
         "Experiment file (e.g. configs/default.py) defining get_config() -> Config. "
         "Without it the built-in defaults are used.",
         flag_values=flag_values)
-    for path, ann, value in leaf_fields(default):
+    for path, ann, value, help_text in leaf_fields(default, with_help=True):
         name = f"{PREFIX}.{path}"
         origin = typing.get_origin(ann)
+        doc = help_text or path
         if origin is Literal:
-            flags.DEFINE_enum(name, value, [str(a) for a in typing.get_args(ann)],
-                              f"{path}", flag_values=flag_values)
+            flags.DEFINE_enum(name, value, [str(a) for a in typing.get_args(ann)], doc,
+                              flag_values=flag_values)
         elif ann is bool:
-            flags.DEFINE_bool(name, value, path, flag_values=flag_values)
+            flags.DEFINE_bool(name, value, doc, flag_values=flag_values)
         elif ann is int:
-            flags.DEFINE_integer(name, value, path, flag_values=flag_values)
+            flags.DEFINE_integer(name, value, doc, flag_values=flag_values)
         elif ann is float:
-            flags.DEFINE_float(name, value, path, flag_values=flag_values)
+            flags.DEFINE_float(name, value, doc, flag_values=flag_values)
         elif origin is tuple:
-            flags.DEFINE_list(name, [str(v) for v in value], path, flag_values=flag_values)
+            flags.DEFINE_list(name, [str(v) for v in value], doc, flag_values=flag_values)
         else:
-            flags.DEFINE_string(name, str(value), path, flag_values=flag_values)
+            flags.DEFINE_string(name, str(value), doc, flag_values=flag_values)
 
 
 def load_config_file(path: str) -> Config:
@@ -109,3 +111,8 @@ def parse_flags(argv: list[str], flag_values=flags.FLAGS) -> list[str]:
     except flags.Error as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except SystemExit as e:
+        # absl exits 1 after printing --help/--helpfull; asking for help is no error.
+        if any(a.split("=")[0] in _HELP_FLAGS for a in argv[1:]):
+            sys.exit(0)
+        raise

@@ -18,6 +18,11 @@ import typing
 from typing import Any, Literal
 
 
+def _f(default: Any, help: str) -> Any:
+    """A dataclass field with a help text (shown by ``--help``)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 class ConfigError(ValueError):
     """A configuration value is invalid. The message names the field."""
 
@@ -81,18 +86,18 @@ class _Validated:
 class RewardConfig(_Validated):
     """DESIGN.md section 3. Weights, thresholds and padding sizes of the rewards."""
 
-    iou_threshold: float = 0.5  # tau of the greedy matching
-    soft_tp: bool = True  # TP = sum of matched IoUs (True) or number of matches
-    precision_weight: float = 0.5  # w_p in R_acc
-    look_ioa_threshold: float = 0.5  # tau_look: IoA(g, l) needed to cover g
-    look_iou_var_weight: float = 0.0  # optional lambda term of R_look
-    w_format: float = 1.0
-    w_look: float = 1.0
-    w_acc: float = 1.0
-    w_count: float = 0.0  # weight of R_count on detection prompts
-    w_count_prompt: float = 1.0  # weight of R_count on counting prompts (replaces w_acc)
-    max_boxes: int = 128  # answer boxes kept per completion (extra are counted)
-    max_look: int = 32  # look boxes kept per completion (extra are counted)
+    iou_threshold: float = _f(0.5, "tau of the greedy matching")
+    soft_tp: bool = _f(True, "TP = sum of matched IoUs (True) or number of matches")
+    precision_weight: float = _f(0.5, "w_p in R_acc")
+    look_ioa_threshold: float = _f(0.5, "tau_look: IoA(g, l) needed to cover g")
+    look_iou_var_weight: float = _f(0.0, "optional lambda term of R_look")
+    w_format: float = _f(1.0, "weight of R_format")
+    w_look: float = _f(1.0, "weight of R_look")
+    w_acc: float = _f(1.0, "weight of R_acc on detection prompts")
+    w_count: float = _f(0.0, "weight of R_count on detection prompts")
+    w_count_prompt: float = _f(1.0, "weight of R_count on counting prompts (replaces w_acc)")
+    max_boxes: int = _f(128, "answer boxes kept per completion (extra are counted)")
+    max_look: int = _f(32, "look boxes kept per completion (extra are counted)")
 
     def validate(self):
         for name in ("iou_threshold", "look_ioa_threshold"):
@@ -113,14 +118,15 @@ Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-n
 class GRPOConfig(_Validated):
     """DESIGN.md section 4."""
 
-    group_size: int = 8  # G completions per prompt
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    beta: float = 0.04  # k3 KL weight; 0 disables the reference model
-    scale_rewards: Literal["group", "none"] = "group"
-    aggregation: Aggregation = "token-mean"
-    norm_length: int = 0  # Dr.GRPO constant length; 0 means the padded T
-    mu: int = 1  # policy iterations per rollout batch
+    group_size: int = _f(8, "G completions per prompt")
+    eps_low: float = _f(0.2, "lower clip: ratio >= 1 - eps_low")
+    eps_high: float = _f(0.2, "upper clip: ratio <= 1 + eps_high")
+    beta: float = _f(0.04, "k3 KL weight; 0 disables the reference model")
+    scale_rewards: Literal["group", "none"] = _f(
+        "group", "advantage scale: group std (GRPO) or none (Dr.GRPO)")
+    aggregation: Aggregation = _f("token-mean", "loss aggregation over tokens and sequences")
+    norm_length: int = _f(0, "Dr.GRPO constant length; 0 means the padded T")
+    mu: int = _f(1, "policy iterations per rollout batch")
 
     def validate(self):
         self._require(self.group_size >= 1, "group_size", "must be >= 1")
@@ -135,11 +141,11 @@ class GRPOConfig(_Validated):
 class DemoConfig(_Validated):
     """The built-in reward job on synthetic scenes (no model, no downloads)."""
 
-    batch_size: int = 8  # prompts (images) per step
-    steps: int = 5
-    max_gt: int = 100  # GT boxes per image are drawn in [1, max_gt]
-    image_size: int = 896  # side of the (resized) square frame boxes live in
-    seed: int = 0
+    batch_size: int = _f(8, "prompts (images) per step")
+    steps: int = _f(5, "reward-demo steps")
+    max_gt: int = _f(100, "GT boxes per image are drawn in [1, max_gt]")
+    image_size: int = _f(896, "side of the (resized) square frame boxes live in")
+    seed: int = _f(0, "seed of the synthetic scenes and rollouts")
 
     def validate(self):
         self._require(self.batch_size >= 1, "batch_size", "must be >= 1")
@@ -150,23 +156,24 @@ class DemoConfig(_Validated):
 
 @dataclasses.dataclass(frozen=True)
 class Config(_Validated):
-    mode: Literal["reward-demo"] = "reward-demo"
+    mode: Literal["reward-demo"] = _f("reward-demo", "what launch runs")
     rewards: RewardConfig = dataclasses.field(default_factory=RewardConfig)
     grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
     demo: DemoConfig = dataclasses.field(default_factory=DemoConfig)
 
 
-def leaf_fields(cfg: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
-    """(dotted path, annotation, value) for every non-dataclass field, depth first."""
+def leaf_fields(cfg: Any, prefix: str = "", with_help: bool = False) -> list[tuple]:
+    """(dotted path, annotation, value[, help]) for every non-dataclass field, depth first."""
     out = []
     hints = typing.get_type_hints(type(cfg))
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         path = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(value):
-            out.extend(leaf_fields(value, path + "."))
+            out.extend(leaf_fields(value, path + ".", with_help))
         else:
-            out.append((path, hints[f.name], value))
+            row = (path, hints[f.name], value)
+            out.append(row + (f.metadata.get("help", ""),) if with_help else row)
     return out
 
 

@@ -278,3 +278,34 @@ def decode_image(record: Record | dict) -> np.ndarray:
             "the wrong frame)"
         )
     return image
+
+
+def _text(v) -> str:
+    if isinstance(v, (bytes, np.bytes_)):
+        return bytes(v).decode("utf-8")
+    if isinstance(v, np.ndarray) and v.ndim == 0:
+        return _text(v.item())
+    return str(v)
+
+
+def as_record(item: Record | dict) -> Record:
+    """A :class:`Record` from a record or a dict (e.g. a TFDS example, whose strings are
+    bytes). Dict keys are the record's field names; ``image`` may hold encoded bytes."""
+    if isinstance(item, Record):
+        return item
+    if not isinstance(item, dict):
+        raise TypeError(f"expected a Record or a dict, got {type(item).__name__}")
+    d = dict(item)
+    image = d.pop("image", None)
+    if isinstance(image, (bytes, np.bytes_)) or (isinstance(image, np.ndarray) and image.dtype == object):
+        d["image_bytes"], image = bytes(image.item() if isinstance(image, np.ndarray) else image), None
+    known = {f.name for f in dataclasses.fields(Record)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise DataFormatError(f"record {d.get('image_id')!r}: unknown fields {unknown}")
+    d["image_id"] = _text(d["image_id"])
+    d["labels"] = np.asarray([_text(v) for v in d.get("labels", [])], np.str_)
+    for key in ("image_path", "source"):
+        if d.get(key) is not None:
+            d[key] = _text(d[key])
+    return Record(image=image, **d)

@@ -135,8 +135,9 @@ class EvalImage:
             ign = np.concatenate([gt[mask], ign], axis=0)
             gt = gt[~mask]
         if pred_count is not None:
-            if isinstance(pred_count, bool) or int(pred_count) != pred_count or pred_count < 0:
-                raise ValueError(f"image {image_id!r}: pred_count must be a non-negative integer")
+            ok = isinstance(pred_count, (int, float, np.integer, np.floating)) and not isinstance(pred_count, bool)
+            if not ok or not np.isfinite(pred_count) or int(pred_count) != pred_count or pred_count < 0:
+                raise ValueError(f"image {image_id!r}: pred_count must be a non-negative integer, got {pred_count!r}")
             pred_count = int(pred_count)
         return cls(image_id, pred, sc, gt, ign, pred_count)
 

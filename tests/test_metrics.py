@@ -288,6 +288,8 @@ def test_counting_mae_rmse_against_plain_python():
         (dict(pred_boxes=[[0, 0, 1, 1]], gt_boxes=[[0, 0, 1, 1]], ignore_boxes=[[1, 2]]), "'im7': ignore_boxes must have shape"),
         (dict(pred_boxes=[[0, 0, 1, 1]], gt_boxes="abc"), "'im7': gt_boxes is not a numeric array"),
         (dict(pred_boxes=[], gt_boxes=[], pred_count=-1), "'im7': pred_count"),
+        (dict(pred_boxes=[], gt_boxes=[], pred_count="3"), "'im7': pred_count must be a non-negative integer"),
+        (dict(pred_boxes=[], gt_boxes=[], pred_count=2.5), "'im7': pred_count must be a non-negative integer"),
     ],
 )
 def test_bad_input_names_the_image(kwargs, message):
@@ -315,3 +317,41 @@ def test_greedy_and_score_order_can_give_different_counts():
     assert M.precision_recall_f1([scored], [0.5])["tp"] == [1]
     assert r_counts([a, b], None, [g1, g2], [], 0.5)[0] == 2
     assert r_counts([a, b], [0.9, 0.1], [g1, g2], [], 0.5)[0] == 1
+
+
+def test_greedy_match_equals_the_reward_kernel_matching():
+    """Evaluation and the R_acc/R_look rewards use one matching rule (DESIGN.md 3)."""
+    import jax
+
+    from dipr1_jax.rewards.matching import match_pairs
+
+    match_pairs = jax.jit(match_pairs, static_argnums=3)
+    rng = np.random.default_rng(9)
+    n_ties = 0
+    for _ in range(40):
+        # IoUs on a 1/16 grid: exact in float32 and float64, with many ties
+        iou = rng.integers(0, 17, size=(12, 10)) / 16.0
+        pairs = np.asarray(match_pairs(iou.astype(np.float32), np.ones(12, bool), np.ones(10, bool), 0.5))
+        kernel = np.where(pairs.any(axis=1), pairs.argmax(axis=1), -1)
+        ours = M.greedy_match(iou, 0.5)
+        ref = r_greedy_on_matrix(iou, 0.5)
+        assert ours.tolist() == ref == kernel.tolist()
+        n_ties += len(np.unique(iou[iou >= 0.5])) < int((iou >= 0.5).sum())
+    assert n_ties == 40
+
+
+def r_greedy_on_matrix(iou, thr):
+    out = [-1] * iou.shape[0]
+    used = set()
+    while True:
+        best = None
+        for i in range(iou.shape[0]):
+            if out[i] >= 0:
+                continue
+            for j in range(iou.shape[1]):
+                if j not in used and iou[i, j] >= thr and (best is None or iou[i, j] > best[0]):
+                    best = (iou[i, j], i, j)
+        if best is None:
+            return out
+        out[best[1]] = best[2]
+        used.add(best[2])

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from typing import Sequence
 
 import numpy as np
 
@@ -45,7 +46,7 @@ def _visibility(full, vis) -> float:
 
 def read_crowdhuman(
     odgt_path: str,
-    image_dir: str,
+    image_dir: str | Sequence[str],
     box: str = "full",
     *,
     on_error: str = "raise",
@@ -56,7 +57,8 @@ def read_crowdhuman(
 
     Args:
       odgt_path: the ``.odgt`` file.
-      image_dir: folder holding ``<ID>.jpg``.
+      image_dir: folder holding ``<ID>.jpg``, or several folders (the official train
+        images come in three archives); each ID's image is looked up in order.
       box: ``"full"`` (fbox), ``"visible"`` (vbox) or ``"head"`` (hbox).
       on_error: ``"raise"`` (default) or ``"skip"`` (count and skip bad input).
       check_images: read each image header for its size. If False the size is
@@ -67,6 +69,7 @@ def read_crowdhuman(
     if not check_images:
         raise ValueError("read_crowdhuman: CrowdHuman has no sizes in the .odgt; check_images=True")
     key = BOX_KEYS[box]
+    image_dirs = [image_dir] if isinstance(image_dir, (str, os.PathLike)) else list(image_dir)
     rep = Reporter(on_error, f"read_crowdhuman({odgt_path})")
     records, seen = [], {}
     with open(odgt_path, encoding="utf-8") as f:
@@ -74,7 +77,7 @@ def read_crowdhuman(
             if not text.strip():
                 continue
             where = f"{odgt_path}:{lineno}"
-            rec = _parse_line(text, where, key, image_dir, image_ext, rep)
+            rec = _parse_line(text, where, key, image_dirs, image_ext, rep)
             if rec is None:
                 continue
             if rec.image_id in seen:
@@ -87,7 +90,7 @@ def read_crowdhuman(
     return rep.finish(records)
 
 
-def _parse_line(text, where, key, image_dir, image_ext, rep) -> Record | None:
+def _parse_line(text, where, key, image_dirs, image_ext, rep) -> Record | None:
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
@@ -100,7 +103,9 @@ def _parse_line(text, where, key, image_dir, image_ext, rep) -> Record | None:
     if not isinstance(gtboxes, list):
         rep.error(where, f"'gtboxes' must be a list, got {type(gtboxes).__name__}", "malformed line")
         return None
-    image_path = os.path.join(image_dir, obj["ID"] + image_ext)
+    name = obj["ID"] + image_ext
+    image_path = next((p for d in image_dirs if os.path.isfile(p := os.path.join(d, name))),
+                      os.path.join(image_dirs[0], name))
     size = image_size(image_path, where, rep)
     if size is None:
         return None

@@ -10,11 +10,15 @@ pipeline (:mod:`dipr1_jax.data.pipeline`) batches them. See DESIGN.md section 2.
 from dipr1_jax.data.citypersons import read_citypersons
 from dipr1_jax.data.coco import read_coco
 from dipr1_jax.data.crowdhuman import read_crowdhuman
-from dipr1_jax.data.records import DataFormatError, Record, RecordList, decode_image
+from dipr1_jax.data.pipeline import PipelineConfig, make_dataset
+from dipr1_jax.data.records import DataFormatError, Record, RecordList, as_record, decode_image
+from dipr1_jax.data.synthetic import SceneConfig, SyntheticCrowds, render_scene
 from dipr1_jax.data.uavdt import read_uavdt
 from dipr1_jax.data.widerped import read_widerped
 
+# TFDS builders live in dipr1_jax.data.tfds_builders (imported on demand: it needs tfds).
 __all__ = [
-    "DataFormatError", "Record", "RecordList", "decode_image", "read_citypersons", "read_coco",
-    "read_crowdhuman", "read_uavdt", "read_widerped",
+    "DataFormatError", "PipelineConfig", "Record", "RecordList", "SceneConfig", "SyntheticCrowds",
+    "as_record", "decode_image", "make_dataset", "read_citypersons", "read_coco", "read_crowdhuman",
+    "read_uavdt", "read_widerped", "render_scene",
 ]

@@ -353,3 +353,85 @@ def test_coco_bad_images_and_categories(tmp_path):
         read_coco(js, img)
     with pytest.raises(ValueError, match="category 'dog' not in"):
         read_coco(js, img, categories=["dog"])
+
+
+# ----------------------------------------------------------------------------- remaining bad paths
+
+@pytest.mark.parametrize("bad_line,message", [
+    ('{"ID": "x", "gtboxes": ["person"]}', "each gtbox must be an object"),
+    ('{"ID": "x", "gtboxes": [{"tag": "person", "fbox": [1, 1, 2, 2], "extra": 3}]}', "'extra' must be an object"),
+    ('{"ID": "x", "gtboxes": [{"tag": "person", "fbox": [1, 1, 2, Infinity]}]}', "non-finite"),
+    ('{"ID": "x", "gtboxes": [{"tag": "person", "fbox": [true, 1, 2, 2]}]}', "non-finite or boolean"),
+    ('{"ID": "bad", "gtboxes": []}', "cannot read image"),
+])
+def test_crowdhuman_more_bad_input(tmp_path, bad_line, message):
+    odgt, images = _odgt(tmp_path, ['{"ID": "ok", "gtboxes": []}', bad_line], {"ok": (8, 8), "x": (8, 8)})
+    write_text(os.path.join(images, "bad.jpg"), "this is not a jpeg")
+    with pytest.raises(DataFormatError, match=message) as e:
+        read_crowdhuman(odgt, images)
+    assert str(e.value).startswith(f"{odgt}:2")
+    with pytest.raises(ValueError, match="check_images=True"):
+        read_crowdhuman(odgt, images, check_images=False)
+
+
+def test_crowdhuman_unusable_vbox_is_counted(tmp_path):
+    odgt, images = _odgt(tmp_path, [{"ID": "x", "gtboxes": [
+        {"tag": "person", "fbox": [1, 1, 4, 4], "vbox": [1, 1, 0, 4]}]}], {"x": (8, 8)})
+    recs = read_crowdhuman(odgt, images)
+    assert np.isnan(recs[0].visible_boxes[0]).all() and np.isnan(recs[0].visibility[0])
+    assert recs.dropped["unusable vbox (visible box set to NaN)"] == 1
+    # box="visible": the zero-size vbox itself is the box, so it is dropped and counted.
+    vis = read_crowdhuman(odgt, images, box="visible")
+    assert vis[0].num_boxes == 0 and vis.dropped["zero-size box"] == 1
+
+
+@pytest.mark.parametrize("content,message", [
+    ("[1, 2]", "expected a JSON object"),
+    ('{"imgHeight": 20, "imgWidth": 40, "objects": {}}', "'objects' must be a list"),
+    ('{"imgHeight": 20, "imgWidth": 40, "objects": [7]}', r"\(objects\[0\]\): each object must be"),
+])
+def test_citypersons_more_bad_input(tmp_path, content, message):
+    ann, img = _cp(tmp_path, {"a_0_0": content})
+    with pytest.raises(DataFormatError, match=message):
+        read_citypersons(ann, img)
+    with pytest.raises(ValueError, match="unknown positive labels"):
+        read_citypersons(ann, img, positive_labels=("cyclist",))
+    with pytest.raises(FileNotFoundError, match="annotation folder not found"):
+        read_citypersons(str(tmp_path / "nope"), img)
+
+
+def test_widerped_non_finite_and_uavdt_bad_ignore_file(tmp_path):
+    ann, images, _ = _wp(tmp_path, "img1.jpg 1 1 1 nan 2\n")
+    with pytest.raises(DataFormatError, match="gt.txt:1: non-finite"):
+        read_widerped(ann, images)
+    gt, img = _uavdt(tmp_path / "u", "1,1,1,1,2,2,1,1,1\n", "1,-1,0,0,4\n")
+    with pytest.raises(DataFormatError, match=r"M0101_gt_ignore.txt:1: expected 9 comma-separated"):
+        read_uavdt(gt, img)
+    gt, img = _uavdt(tmp_path / "v", "1,1,1,1,2,2,1,1,1\n", "1,-1,0,0,-4,4,-1,-1,-1\n")
+    with pytest.raises(DataFormatError, match=r"M0101_gt_ignore.txt:1: ignore region has negative size"):
+        read_uavdt(gt, img)
+    with pytest.raises(FileNotFoundError, match="GT folder not found"):
+        read_uavdt(str(tmp_path / "none"), img)
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda o: o.update(images=o["images"] + [dict(o["images"][0])]), r"images\[2\], id=7\): duplicate image id"),
+    (lambda o: o["images"][0].pop("file_name"), r"images\[0\], id=7\): image entry needs"),
+    (lambda o: o.update(categories=[{"id": "1", "name": "person"}]), r"categories\[0\]\): needs integer"),
+    (lambda o: o.update(annotations={}), "top-level 'annotations' must be a list"),
+])
+def test_coco_more_bad_input(tmp_path, mutate, message):
+    js, img = _coco(tmp_path, [])
+    with open(js) as f:
+        obj = json.load(f)
+    mutate(obj)
+    write_text(js, json.dumps(obj))
+    with pytest.raises(ValueError, match=message) as e:
+        read_coco(js, img)
+    assert str(e.value).startswith(js)
+
+
+def test_coco_invalid_json_names_line(tmp_path):
+    js = write_text(str(tmp_path / "x.json"), '{"images": [],\n "annotations": [\n}')
+    with pytest.raises(ValueError, match=r"x.json:3: not valid JSON"):
+        read_coco(js, str(tmp_path))

@@ -118,6 +118,9 @@ class ModelConfig(_Validated):
     video_token_id: int = 151656
     vision_start_token_id: int = 151652
     vision_end_token_id: int = 151653
+    bos_token_id: int = 151643  # -1: none (only written back to config.json)
+    eos_token_id: int = 151645
+    pad_token_id: int = -1
     # Runtime options of the port (not part of config.json).
     dtype: DType = "float32"  # compute dtype of matmuls/activations
     param_dtype: DType = "float32"
@@ -174,7 +177,9 @@ def _tiny():
                         tie_word_embeddings=True),
         image_token_id=tokens.TINY_IMAGE_TOKEN_ID, video_token_id=tokens.TINY_VIDEO_TOKEN_ID,
         vision_start_token_id=tokens.TINY_VISION_START_TOKEN_ID,
-        vision_end_token_id=tokens.TINY_VISION_END_TOKEN_ID)
+        vision_end_token_id=tokens.TINY_VISION_END_TOKEN_ID,
+        bos_token_id=-1, eos_token_id=tokens.TINY_EOS_TOKEN_ID,
+        pad_token_id=tokens.TINY_PAD_TOKEN_ID)
 
 
 def _bench_100m():
@@ -188,7 +193,9 @@ def _bench_100m():
                         rope_theta=1000000.0, tie_word_embeddings=False),
         image_token_id=tokens.TINY_IMAGE_TOKEN_ID, video_token_id=tokens.TINY_VIDEO_TOKEN_ID,
         vision_start_token_id=tokens.TINY_VISION_START_TOKEN_ID,
-        vision_end_token_id=tokens.TINY_VISION_END_TOKEN_ID)
+        vision_end_token_id=tokens.TINY_VISION_END_TOKEN_ID,
+        bos_token_id=-1, eos_token_id=tokens.TINY_EOS_TOKEN_ID,
+        pad_token_id=tokens.TINY_PAD_TOKEN_ID)
 
 
 PRESETS = {
@@ -212,7 +219,8 @@ def preset(name: str, **runtime: Any) -> ModelConfig:
 
 def _architecture(cfg: ModelConfig) -> dict:
     d = dataclasses.asdict(cfg)
-    for k in ("dtype", "param_dtype", "remat", "scan_layers"):
+    for k in ("dtype", "param_dtype", "remat", "scan_layers", "bos_token_id", "eos_token_id",
+              "pad_token_id"):
         d.pop(k)
     return d
 
@@ -335,7 +343,16 @@ def from_hf_dict(raw: dict, where: str = "config.json", **runtime: Any) -> Model
         video_token_id=_get(raw, "video_token_id", default=151656),
         vision_start_token_id=_get(raw, "vision_start_token_id", default=151652),
         vision_end_token_id=_get(raw, "vision_end_token_id", default=151653),
+        bos_token_id=_token_id(text.get("bos_token_id")),
+        eos_token_id=_token_id(text.get("eos_token_id")),
+        pad_token_id=_token_id(text.get("pad_token_id")),
         **runtime)
+
+
+def _token_id(x) -> int:
+    if isinstance(x, list):
+        x = x[0] if x else None
+    return -1 if x is None else int(x)
 
 
 def read_hf_config(path: str, **runtime: Any) -> ModelConfig:
@@ -369,6 +386,9 @@ def to_hf_dict(cfg: ModelConfig) -> dict:
                             "mrope_section": list(t.mrope_section)},
         "attention_dropout": 0.0, "tie_word_embeddings": t.tie_word_embeddings,
     }
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(cfg, name)
+        text[name] = None if value < 0 else value
     common = {"depth": v.depth, "num_heads": v.num_heads, "patch_size": v.patch_size,
               "temporal_patch_size": v.temporal_patch_size, "in_channels": v.in_channels,
               "spatial_merge_size": v.spatial_merge_size, "hidden_act": v.hidden_act,

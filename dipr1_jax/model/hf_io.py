@@ -317,43 +317,65 @@ def load_hf(path: str, dtype: str | None = None, mesh=None, **runtime) -> QwenVL
 def save_hf(model: QwenVL, path: str, max_shard_bytes: int = 5 * 2 ** 30,
             dtype: str | None = None) -> None:
     """Writes ``config.json`` + safetensors that transformers loads (sharded past
-    ``max_shard_bytes``, with ``model.safetensors.index.json``)."""
+    ``max_shard_bytes``, with ``model.safetensors.index.json``).
+
+    Shards are planned from the parameter shapes and written one at a time, so the
+    host holds at most one shard. Every process must call it (sharded parameters are
+    gathered); only process 0 writes.
+    """
     from safetensors.numpy import save_file
     cfg = model.cfg
-    os.makedirs(path, exist_ok=True)
     out_dtype = jnp.dtype(dtype or cfg.param_dtype)
-    hf_cfg = to_hf_dict(cfg)
-    hf_cfg["dtype"] = str(out_dtype.name)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(hf_cfg, f, indent=2)
-    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    shards: list[dict[str, np.ndarray]] = [{}]
-    size = 0
+    writer = jax.process_index() == 0
+    if writer:
+        os.makedirs(path, exist_ok=True)
+        hf_cfg = to_hf_dict(cfg)
+        hf_cfg["dtype"] = str(out_dtype.name)
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(hf_cfg, f, indent=2)
+    # plan: tensor name -> shard number
+    plan, size, n = {}, 0, 0
     for e in param_table(cfg):
-        value = flat[e.path].get_value()
-        host = np.asarray(jax.device_get(_gather(value))).astype(out_dtype)
+        nbytes = math.prod(e.hf_shape) * out_dtype.itemsize
+        for name in e.hf:
+            if size and size + nbytes > max_shard_bytes:
+                n, size = n + 1, 0
+            plan[name] = n
+            size += nbytes
+    total_shards = n + 1
+    fname = (lambda i: "model.safetensors") if total_shards == 1 else (
+        lambda i: f"model-{i + 1:05d}-of-{total_shards:05d}.safetensors")
+    meta = {"format": "pt"}
+    current: dict[str, np.ndarray] = {}
+    shard, total = 0, 0
+    for name, t in hf_tensors(cfg, nnx.state(model, nnx.Param), out_dtype):
+        if plan[name] != shard:
+            if writer:
+                save_file(current, os.path.join(path, fname(shard)), metadata=meta)
+            current, shard = {}, plan[name]
+        current[name] = t
+        total += t.nbytes
+    if writer:
+        save_file(current, os.path.join(path, fname(shard)), metadata=meta)
+        if total_shards > 1:
+            with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": total},
+                           "weight_map": {k: fname(v) for k, v in plan.items()}}, f, indent=2)
+
+
+def hf_tensors(cfg: ModelConfig, state, dtype=None):
+    """Yields ``(hf_name, host array in the HF layout)`` for every parameter of ``state``
+    (a ``QwenVL`` Param state, or any tree of the same structure such as its gradients)."""
+    flat = dict(nnx.to_flat_state(state))
+    for e in param_table(cfg):
+        value = flat[e.path]
+        value = value.get_value() if isinstance(value, nnx.Variable) else value
+        host = np.asarray(jax.device_get(_gather(value)))
+        if dtype is not None:
+            host = host.astype(dtype)
         parts = [host[i] for i in range(len(e.hf))] if e.stacked else [host]
         for name, part in zip(e.hf, parts):
-            t = np.ascontiguousarray(e.to_hf(part))
-            if size and size + t.nbytes > max_shard_bytes:
-                shards.append({})
-                size = 0
-            shards[-1][name] = t
-            size += t.nbytes
-    meta = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(path, "model.safetensors"), metadata=meta)
-        return
-    weight_map = {}
-    total = 0
-    for i, tensors in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(tensors, os.path.join(path, fname), metadata=meta)
-        for n, t in tensors.items():
-            weight_map[n] = fname
-            total += t.nbytes
-    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+            yield name, np.ascontiguousarray(e.to_hf(part))
 
 
 def _gather(x: jax.Array) -> jax.Array:

@@ -71,23 +71,27 @@ def _note_compile(kind: str, key: tuple) -> None:
                  len(_COMPILES))
 
 
-def sample_token(logits, key, temperature: float, top_k: int = 0, top_p: float = 1.0):
+def sample_token(logits, key, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                 suppress: tuple = ()):
     """One token per row from ``logits [N, V]`` and its float32 log-prob.
 
-    ``temperature == 0`` is greedy (first max). Otherwise the logits are
-    divided by the temperature, cut to the ``top_k`` largest (0: all) and to
-    the smallest prefix of the sorted distribution whose mass reaches
-    ``top_p``, and sampled. The log-prob is that of the untruncated tempered
-    distribution.
+    Token ids in ``suppress`` are never emitted. ``temperature == 0`` is
+    greedy (first max). Otherwise the logits are divided by the temperature,
+    cut to the ``top_k`` largest (0: all) and to the smallest prefix of the
+    sorted distribution whose mass reaches ``top_p``, and sampled. The log-prob
+    is that of the untruncated tempered distribution (what a teacher-forced
+    forward of the policy computes).
     """
     logits = logits.astype(jnp.float32)
+    banned = jnp.asarray(suppress, jnp.int32) if suppress else None
     if temperature == 0:
-        tok = jnp.argmax(logits, axis=-1)
         logp = jax.nn.log_softmax(logits, axis=-1)
+        pick = logits if banned is None else logits.at[:, banned].set(-jnp.inf)
+        tok = jnp.argmax(pick, axis=-1)
         return tok, jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
     scaled = logits / temperature
     logp = jax.nn.log_softmax(scaled, axis=-1)
-    masked = scaled
+    masked = scaled if banned is None else scaled.at[:, banned].set(-jnp.inf)
     if top_k and top_k < logits.shape[-1]:
         kth = jax.lax.top_k(scaled, top_k)[0][:, -1:]
         masked = jnp.where(scaled < kth, -jnp.inf, masked)
@@ -98,7 +102,14 @@ def sample_token(logits, key, temperature: float, top_k: int = 0, top_p: float =
         keep = before < top_p  # the first entry is always kept
         cutoff = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
         masked = jnp.where(masked < cutoff, -jnp.inf, masked)
-    tok = jax.vmap(jax.random.categorical)(key, masked)  # one key per row
+    # Inverse-CDF sampling: one uniform per row instead of a Gumbel variate per
+    # vocabulary entry (the PRNG cost of categorical dominates CPU decode steps).
+    probs = jax.nn.softmax(masked, axis=-1)
+    cdf = jnp.cumsum(probs, axis=-1)
+    u = 1.0 - jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(key)  # (0, 1]
+    u = u[:, None] * cdf[:, -1:]
+    # First index with cdf >= u: it has positive mass, so truncated tokens never appear.
+    tok = jnp.minimum(jnp.sum(cdf < u, axis=-1), logits.shape[-1] - 1)
     return tok, jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
 
 
@@ -137,9 +148,10 @@ def _prefill(graphdef, state, input_ids, attention_mask, pixel_values, image_gri
 
 @functools.partial(jax.jit, donate_argnames=("cache",),
                    static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k",
-                                    "top_p", "eos_ids", "pad_id"))
+                                    "top_p", "eos_ids", "pad_id", "suppress"))
 def _decode(graphdef, state, cache, cache_mask, logits, next_pos, keys, *, max_new_tokens: int,
-            temperature: float, top_k: int, top_p: float, eos_ids: tuple, pad_id: int):
+            temperature: float, top_k: int, top_p: float, eos_ids: tuple, pad_id: int,
+            suppress: tuple = ()):
     model = nnx.merge(graphdef, state)
     N = logits.shape[0]
     eos = jnp.asarray(eos_ids, jnp.int32)
@@ -152,7 +164,7 @@ def _decode(graphdef, state, cache, cache_mask, logits, next_pos, keys, *, max_n
     def body(c):
         i, cache, cache_mask, logits, tokens, done, lengths, logps = c
         step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, i)
-        tok, lp = sample_token(logits, step_keys, temperature, top_k, top_p)
+        tok, lp = sample_token(logits, step_keys, temperature, top_k, top_p, suppress)
         tok = jnp.where(done, pad_id, tok).astype(jnp.int32)
         lp = jnp.where(done, 0.0, lp)
         tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, i))
@@ -204,7 +216,8 @@ def _pad_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, prompt_
 def generate(model, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, *,
              group_size: int, max_new_tokens: int, temperature: float, top_p: float = 1.0,
              top_k: int = 0, eos_token_ids: Sequence[int] | int, rng, pad_token_id: int | None = None,
-             tokenizer: Any = None, prompt_bucket: int = PROMPT_BUCKET,
+             tokenizer: Any = None, suppress_token_ids: Sequence[int] | None = None,
+             prompt_bucket: int = PROMPT_BUCKET,
              patch_bucket: int = PATCH_BUCKET) -> SampleOutput:
     """Samples ``group_size`` completions for each of ``B`` left-padded prompts.
 
@@ -221,6 +234,9 @@ def generate(model, input_ids, attention_mask, pixel_values=None, image_grid_thw
       pad_token_id: fills tokens after a row's end (default: first stop id).
       tokenizer: optional, with ``decode``; then ``texts`` holds the decoded
         completions (up to, not including, the stop token).
+      suppress_token_ids: ids never sampled. Default: the model's image,
+        video and vision start/end tokens, since a generated image-pad token
+        would misalign the image scatter of the training forward.
 
     Returns: :class:`SampleOutput` of numpy arrays.
     """
@@ -235,6 +251,11 @@ def generate(model, input_ids, attention_mask, pixel_values=None, image_grid_thw
     if not eos:
         raise ValueError("generate: eos_token_ids is empty")
     pad = eos[0] if pad_token_id is None else int(pad_token_id)
+    if suppress_token_ids is None:
+        c = model.cfg
+        suppress_token_ids = (c.image_token_id, c.video_token_id, c.vision_start_token_id,
+                              c.vision_end_token_id)
+    suppress = tuple(sorted({int(t) for t in suppress_token_ids if t is not None}))
     if pixel_values is not None:
         from dipr1_jax.model.qwen_vl import check_inputs
         check_inputs(model.cfg, input_ids, pixel_values, image_grid_thw)
@@ -253,11 +274,11 @@ def generate(model, input_ids, attention_mask, pixel_values=None, image_grid_thw
     N = B * group_size
     keys = jax.random.split(rng, N)
     _note_compile("decode", (N, cache_len, max_new_tokens, float(temperature), int(top_k),
-                             float(top_p), eos))
+                             float(top_p), eos, suppress))
     tokens, lengths, logps, steps, _ = _decode(
         graphdef, state, cache, cache_mask, logits, next_pos, keys,
         max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
-        top_p=float(top_p), eos_ids=eos, pad_id=pad)
+        top_p=float(top_p), eos_ids=eos, pad_id=pad, suppress=suppress)
     tokens, lengths, logps = (np.asarray(x) for x in (tokens, lengths, logps))
     logging.info("sampler: %d x %d completions, %d decode steps in %.2fs", B, group_size,
                  int(steps), time.perf_counter() - t_start)

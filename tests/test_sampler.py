@@ -51,7 +51,7 @@ def test_greedy_matches_transformers_generate(ckpt, model, batch):
     # A stop id that never occurs keeps every row decoding for all n steps, like HF above.
     out = sampler.generate(model, ids, mask, pv, grid, group_size=2, max_new_tokens=n,
                            temperature=0.0, eos_token_ids=[tokens.TINY_VOCAB_SIZE - 1],
-                           rng=jax.random.key(0), pad_token_id=PAD)
+                           rng=jax.random.key(0), pad_token_id=PAD, suppress_token_ids=[])
     assert out.tokens.shape == (3, 2, n) and np.all(out.lengths == n)
     for g in range(2):
         np.testing.assert_array_equal(out.tokens[:, g], want)
@@ -80,6 +80,10 @@ def test_sampled_logprobs_equal_teacher_forced_recomputation(model, batch):
     out = sampler.generate(model, ids, mask, pv, grid, group_size=3, max_new_tokens=24,
                            temperature=0.9, top_k=200, top_p=0.95, eos_token_ids=[EOS],
                            rng=jax.random.key(1), pad_token_id=PAD)
+    # Image/vision special tokens are suppressed by default (they would corrupt the
+    # image scatter of a training forward).
+    specials = [mt.IMG, mt.VSTART, mt.VEND, tokens.TINY_VIDEO_TOKEN_ID]
+    assert not np.isin(out.tokens, specials).any()
     want, valid = _teacher_forced_logp(model, ids, mask, pv, grid, out, 0.9)
     np.testing.assert_allclose(out.logprobs[valid], want[valid], atol=1e-4)
     assert np.all(out.logprobs[~valid] == 0) and np.all(out.tokens[~valid] == PAD)
@@ -112,15 +116,19 @@ def test_early_exit_when_all_rows_stop(model, batch):
     assert np.all(out.lengths == 1) and np.all(out.tokens[..., 1:] == PAD)
 
 
-@pytest.mark.parametrize("top_k, top_p", [(5, 1.0), (0, 0.6), (8, 0.5)])
-def test_truncation_never_leaves_the_allowed_set(top_k, top_p):
+@pytest.mark.parametrize("top_k, top_p, n_suppress", [(5, 1.0, 0), (0, 0.6, 0), (8, 0.5, 0),
+                                                      (0, 1.0, 2)])
+def test_truncation_never_leaves_the_allowed_set(top_k, top_p, n_suppress):
     rng = np.random.default_rng(0)
     logits = rng.normal(0, 2, (1, 64)).astype(np.float32)
     temperature = 0.7
     # Allowed set computed independently in numpy, by the definitions.
     z = logits[0] / temperature
     order = np.argsort(-z, kind="stable")
-    allowed = set(order[:top_k].tolist()) if top_k else set(range(64))
+    suppress = tuple(int(i) for i in order[:n_suppress])  # the most likely tokens
+    z = np.where(np.isin(np.arange(64), suppress), -np.inf, z)
+    order = np.argsort(-z, kind="stable")
+    allowed = set(order[:top_k].tolist()) if top_k else set(range(64)) - set(suppress)
     zk = np.where(np.isin(np.arange(64), list(allowed)), z, -np.inf)
     p = np.exp(zk - zk.max()); p /= p.sum()
     order_p = np.argsort(-p, kind="stable")
@@ -133,7 +141,7 @@ def test_truncation_never_leaves_the_allowed_set(top_k, top_p):
     n = 4000
     keys = jax.random.split(jax.random.key(3), n)
     toks, _ = jax.jit(lambda k: sampler.sample_token(jnp.repeat(jnp.asarray(logits), n, 0), k,
-                                                      temperature, top_k, top_p))(keys)
+                                                      temperature, top_k, top_p, suppress))(keys)
     toks = np.asarray(toks)
     assert set(toks.tolist()) <= allowed
     # And the kept tokens appear in proportion to their renormalised probability.

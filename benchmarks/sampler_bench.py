@@ -79,7 +79,7 @@ def cpu_bench(name, B, G, N, repeats, skip_hf):
     t_b = _time(unshared, repeats)
     tokens = B * G * N
     print(f"[{name}] {B} prompts x G={G} x {N} new tokens, prompt {ids.shape[1]} tokens "
-          f"({int(grid.prod(-1).sum() // 4)} image tokens)")
+          f"({int(grid[0].prod() // 4)} image tokens each)")
     print(f"  (a) ours, prefix shared     {t_a:8.2f} s  {tokens / t_a:9.1f} tok/s")
     print(f"  (b) ours, no prefix sharing {t_b:8.2f} s  {tokens / t_b:9.1f} tok/s   a/b = {t_b / t_a:.2f}x")
     if skip_hf:
@@ -104,7 +104,14 @@ def cpu_bench(name, B, G, N, repeats, skip_hf):
     print(f"  (c) transformers generate   {t_c:8.2f} s  {tokens / t_c:9.1f} tok/s   a/c = {t_c / t_a:.2f}x")
 
 
+_PEAK_BW = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12, "TPU v5e": 0.82e12,
+            "TPU v5p": 2.76e12, "TPU v4": 1.2e12}
+
+
 def device_bench(name, B, G, N, peak_bw):
+    kind = jax.devices()[0].device_kind
+    if not peak_bw:
+        peak_bw = next((v for k, v in _PEAK_BW.items() if k.lower() in kind.lower()), 3.35e12)
     cfg = preset(name, dtype="bfloat16", param_dtype="bfloat16")
     model = create_model(cfg, seed=0)
     ids, mask, pv, grid = _inputs(B, grid=(1, 28, 28))
@@ -164,7 +171,8 @@ def main():
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--device", action="store_true")
     ap.add_argument("--device-preset", default="qwen2.5-vl-3b")
-    ap.add_argument("--peak-bw", type=float, default=3.35e12, help="bytes/s (H100 SXM 3.35e12)")
+    ap.add_argument("--peak-bw", type=float, default=0.0,
+                    help="peak memory bandwidth, bytes/s (default: from the device kind)")
     args = ap.parse_args()
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} device(s)")
     if args.device:

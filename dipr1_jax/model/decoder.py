@@ -102,9 +102,7 @@ class TextDecoder(nnx.Module):
         t = cfg.text
         self.cfg = cfg
         pd = L._dtype(cfg.param_dtype)
-        self.embed_tokens = nnx.Param(
-            jax.nn.initializers.normal(0.02)(rngs.params(), (t.vocab_size, t.hidden_size), pd),
-            logical_axes=("vocab", "embed"))
+        self.embed_tokens = L.param(rngs, (t.vocab_size, t.hidden_size), ("vocab", "embed"), pd)
         if cfg.scan_layers:
             @nnx.split_rngs(splits=t.num_layers)
             @nnx.vmap(in_axes=(0,), out_axes=0)

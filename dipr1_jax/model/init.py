@@ -1,31 +1,48 @@
-"""Random-weight model creation, directly sharded (jit init, no host round trip)."""
+"""Random-weight model creation, directly sharded, with small cached init programs.
+
+The modules are only traced abstractly (``nnx.eval_shape``); each parameter is
+then produced by a tiny jitted program ``key -> array`` (normal(0.02) / zeros /
+ones, per the Param's ``init`` metadata) whose output sharding is the
+parameter's NamedSharding. Programs are cached per (shape, dtype, init,
+sharding), so a 36-layer model compiles ~15 of them. Keys are ``rbg`` (RngBitGenerator). (One jitted init of the
+whole model compiled for over 9 minutes on an H200 for a 3B config.)
+"""
 
 from __future__ import annotations
+
+import functools
 
 import jax
 from flax import nnx
 
 from dipr1_jax import sharding as shd
 from dipr1_jax.model.config import ModelConfig
+from dipr1_jax.model.layers import INITS
 from dipr1_jax.model.qwen_vl import QwenVL
 
 
+@functools.lru_cache(maxsize=None)
+def _init_program(shape, dtype, init: str, sharding):
+    fn = lambda key: INITS[init](key, shape, dtype)
+    return jax.jit(fn, out_shardings=sharding)
+
+
 def create_model(cfg: ModelConfig, seed: int = 0, mesh=None) -> QwenVL:
-    """``QwenVL(cfg)`` with random weights, created inside one jitted init; with a ``mesh``
-    every parameter is produced directly with its NamedSharding as output sharding."""
+    """``QwenVL(cfg)`` with random weights (normal(0.02) matrices, unit norms, zero biases);
+    with a ``mesh`` every parameter is created directly in its shards."""
     abstract = nnx.eval_shape(lambda: QwenVL(cfg, nnx.Rngs(seed)))
-    graphdef, abs_state = nnx.split(abstract)
-
-    def init():
-        return nnx.state(QwenVL(cfg, nnx.Rngs(seed)))
-
-    # The init program is random-number generation only; on CPU, LLVM's optimisation of
-    # the unrolled threefry code costs ~3x the compile time for no run-time benefit.
-    opts = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
-    if mesh is None:
-        state = jax.jit(init, compiler_options=opts)()
-    else:
-        with jax.set_mesh(mesh):
-            state = jax.jit(init, out_shardings=shd.state_shardings(abs_state, mesh),
-                            compiler_options=opts)()
-    return nnx.merge(graphdef, state)
+    graphdef, state = nnx.split(abstract)
+    flat = nnx.to_flat_state(state)
+    if mesh is not None:
+        sh_flat = dict(nnx.to_flat_state(shd.state_shardings(state, mesh)))
+    # RngBitGenerator keys: much cheaper to compile than threefry (and the fast path on TPU)
+    base = jax.random.key(seed, impl="rbg")
+    for i, (path, var) in enumerate(flat):
+        abs_value = var.get_value()
+        init = var.get_metadata().get("init", "normal")
+        sharding = sh_flat[path] if mesh is not None else None
+        if isinstance(sharding, nnx.Variable):
+            sharding = sharding.get_value()
+        prog = _init_program(tuple(abs_value.shape), abs_value.dtype, init, sharding)
+        var.set_value(prog(jax.random.fold_in(base, i)))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))

@@ -22,13 +22,19 @@ def _dtype(name: str):
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
+INITS = {"normal": _INIT, "zeros": jax.nn.initializers.zeros, "ones": jax.nn.initializers.ones}
+
+
 def param(rngs: nnx.Rngs | None, shape: Sequence[int], axes: Sequence[str | None], dtype,
-          init=_INIT) -> nnx.Param:
+          init: str = "normal") -> nnx.Param:
+    """A Param with ``logical_axes`` and ``init`` (name in ``INITS``) metadata; the latter lets
+    ``create_model`` re-create it shard by shard without tracing the modules."""
     if len(axes) != len(shape):
         raise ValueError(f"logical axes {tuple(axes)} do not match shape {tuple(shape)}")
     shape = tuple(int(s) for s in shape)
-    value = init(rngs.params(), shape, dtype) if rngs is not None else jnp.zeros(shape, dtype)
-    return nnx.Param(value, logical_axes=tuple(axes))
+    key = rngs.params() if init == "normal" else None
+    value = INITS[init](key, shape, dtype)
+    return nnx.Param(value, logical_axes=tuple(axes), init=init)
 
 
 class Dense(nnx.Module):
@@ -41,8 +47,7 @@ class Dense(nnx.Module):
         self.n_in = len(in_shape)
         self.dtype = _dtype(dtype)
         self.kernel = param(rngs, in_shape + out_shape, tuple(in_axes) + tuple(out_axes), pd)
-        self.bias = (param(rngs, out_shape, out_axes, pd, jax.nn.initializers.zeros)
-                     if bias else None)
+        self.bias = param(rngs, out_shape, out_axes, pd, "zeros") if bias else None
 
     def __call__(self, x):
         k = self.kernel[...].astype(self.dtype)
@@ -58,7 +63,7 @@ class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, *, dtype: str, param_dtype: str):
         self.eps = eps
         self.dtype = _dtype(dtype)
-        self.scale = nnx.Param(jnp.ones((dim,), _dtype(param_dtype)), logical_axes=("norm",))
+        self.scale = param(None, (dim,), ("norm",), _dtype(param_dtype), "ones")
 
     def __call__(self, x):
         x32 = x.astype(jnp.float32)
@@ -73,8 +78,8 @@ class LayerNorm(nnx.Module):
         self.eps = eps
         self.dtype = _dtype(dtype)
         pd = _dtype(param_dtype)
-        self.scale = nnx.Param(jnp.ones((dim,), pd), logical_axes=("norm",))
-        self.bias = nnx.Param(jnp.zeros((dim,), pd), logical_axes=("norm",))
+        self.scale = param(None, (dim,), ("norm",), pd, "ones")
+        self.bias = param(None, (dim,), ("norm",), pd, "zeros")
 
     def __call__(self, x):
         x32 = x.astype(jnp.float32)

@@ -32,18 +32,23 @@ def _safe_div(num: jnp.ndarray, den: jnp.ndarray) -> jnp.ndarray:
     return jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0)
 
 
-def box_iou(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
-    """Pairwise IoU: ``[..., N, 4], [..., M, 4] -> [..., N, M]`` (leading axes broadcast)."""
+def _pairwise(a, b):
+    """Intersections ``[..., N, M]``, areas of ``a`` and the non-degenerate mask."""
     a = jnp.asarray(a)
     b = jnp.asarray(b)
     area_a = box_area(a)
     area_b = box_area(b)
-    inter = _intersection(a, b)
     # A degenerate box has area 0 and so intersection 0 (clipped widths); the
     # explicit mask also covers boxes that are degenerate only through NaN.
-    nondegenerate = (area_a[..., :, None] > 0) & (area_b[..., None, :] > 0)
+    ok = (area_a[..., :, None] > 0) & (area_b[..., None, :] > 0)
+    return _intersection(a, b), area_a, area_b, ok
+
+
+def box_iou(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+    """Pairwise IoU: ``[..., N, 4], [..., M, 4] -> [..., N, M]`` (leading axes broadcast)."""
+    inter, area_a, area_b, ok = _pairwise(a, b)
     union = area_a[..., :, None] + area_b[..., None, :] - inter
-    return jnp.where(nondegenerate, _safe_div(inter, union), 0.0)
+    return jnp.where(ok, _safe_div(inter, union), 0.0)
 
 
 def box_ioa(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
@@ -52,10 +57,5 @@ def box_ioa(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
     Used for look coverage (``a`` = GT boxes, ``b`` = look boxes). 0 where
     either box is degenerate.
     """
-    a = jnp.asarray(a)
-    b = jnp.asarray(b)
-    area_a = box_area(a)
-    area_b = box_area(b)
-    inter = _intersection(a, b)
-    nondegenerate = (area_a[..., :, None] > 0) & (area_b[..., None, :] > 0)
-    return jnp.where(nondegenerate, _safe_div(inter, area_a[..., :, None]), 0.0)
+    inter, area_a, _, ok = _pairwise(a, b)
+    return jnp.where(ok, _safe_div(inter, area_a[..., :, None]), 0.0)

@@ -150,7 +150,7 @@ def device_bench(name: str, batch: int, text_len: int, grid_hw, steps: int, rema
           f"{peak} TFLOP/s", flush=True)
     for scan in scan_modes:
         cfg = preset(name, dtype="bfloat16", param_dtype="float32", remat=remat,
-                     scan_layers=scan)
+                     scan_layers=scan, vision_max_patches=grid_hw[0] * grid_hw[1])
         t0 = time.perf_counter()
         model = create_model(cfg, seed=0)
         jax.block_until_ready(nnx.state(model))

@@ -33,6 +33,7 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("act_kv_heads", "tensor"),
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
+    ("vision_images", ("data", "fsdp")),
     ("vision_tokens", None),
     # decoder parameters
     ("layers", None),

@@ -65,7 +65,7 @@ def case(request, tmp_path_factory):
     kind = kw.pop("kind")
     hf = U.hf_model(U.hf_config(kind, **kw), seed=len(request.param))
     path = U.save_checkpoint(hf, str(tmp_path_factory.mktemp(request.param)))
-    return request.param, hf, load_hf(path)
+    return request.param, hf, load_hf(path), path
 
 
 def _pad_patches(batch):
@@ -88,7 +88,7 @@ PAIRS = [(c, b) for c in CASES for b in BATCHES
 
 @pytest.mark.parametrize("case,batch", PAIRS, indirect=["case"])
 def test_logits_and_vision_match_transformers(case, batch):
-    name, hf, model = case
+    name, hf, model, _ = case
     ids, mask, pix, grid = BATCHES[batch]()
     n_real = int((grid.prod(-1)).sum())
     ref = U.hf_forward(hf, ids, mask, pix[:n_real], grid[grid[:, 0] > 0])
@@ -109,8 +109,30 @@ def test_logits_and_vision_match_transformers(case, batch):
     assert np.abs(img[:len(vref)] - vref).max() <= TOL
 
 
+@pytest.mark.parametrize("case,batch", [(c, b) for c in ("v25_tied_window", "v2_untied")
+                                        for b in ("two_in_one_row_right",
+                                                  "two_sizes_left_padded_patches")],
+                         indirect=["case"])
+def test_per_image_vision_layout_matches_transformers(case, batch):
+    """vision_max_patches: patches regrouped one row per image (attention cost
+    images * P^2) give the same image features and logits."""
+    _, hf, _, path = case
+    model = load_hf(path, vision_max_patches=96)
+    ids, mask, pix, grid = BATCHES[batch]()
+    assert grid.prod(-1).max() <= 96
+    n_real = int((grid.prod(-1)).sum())
+    real_grid = grid[grid[:, 0] > 0]
+    ref = U.hf_forward(hf, ids, mask, pix[:n_real], real_grid)
+    out, img, _, _ = U.jax_outputs(model, ids, mask, pix, grid)
+    assert np.abs(out - ref)[mask.astype(bool)].max() <= TOL
+    with torch.no_grad():
+        vref = hf.model.visual(torch.tensor(pix[:n_real]),
+                               grid_thw=torch.tensor(real_grid)).pooler_output.numpy()
+    assert np.abs(img[:len(vref)] - vref).max() <= TOL
+
+
 def test_text_only_batch(case):
-    _, hf, model = case
+    _, hf, model, _ = case
     ids, mask, _, _ = U.build_batch([], [[7], [12]], padding="right", seed=4,
                                     images_per_row=[0, 0])
     ref = U.hf_forward(hf, ids, mask)
@@ -151,7 +173,7 @@ def _hf_rope(hf, ids, mask, grid):
 
 @pytest.mark.parametrize("batch", ["two_sizes_left", "two_in_one_row_right", "mixed"])
 def test_rope_index_matches_transformers(case, batch):
-    _, hf, _ = case
+    _, hf, _, _ = case
     if batch == "mixed":  # a row without images between rows with images, left padding
         ids, mask, _, grid = U.build_batch([(1, 6, 10), (1, 4, 4)], [[3, 2], [9], [1, 1]],
                                            padding="left", seed=5, images_per_row=[1, 0, 1])

@@ -126,8 +126,14 @@ class ModelConfig(_Validated):
     param_dtype: DType = "float32"
     remat: Remat = "none"  # jax.checkpoint policy of each decoder / vision block
     scan_layers: bool = False  # nnx.scan over stacked decoder layers
+    # Vision attention layout: 0 = one flat row over all patches of the batch (N^2 mask);
+    # P > 0 = one row per image padded to P patches (a static bucket >= the largest image).
+    vision_max_patches: int = 0
 
     def validate(self):
+        unit = self.vision.spatial_merge_size ** 2
+        self._require(self.vision_max_patches >= 0 and self.vision_max_patches % unit == 0,
+                      "vision_max_patches", f"must be 0 or a positive multiple of {unit}")
         self._require(self.vision.out_hidden_size == self.text.hidden_size, "vision",
                       f"vision.out_hidden_size must equal text.hidden_size={self.text.hidden_size}")
         for name in ("image_token_id", "video_token_id", "vision_start_token_id",
@@ -219,8 +225,8 @@ def preset(name: str, **runtime: Any) -> ModelConfig:
 
 def _architecture(cfg: ModelConfig) -> dict:
     d = dataclasses.asdict(cfg)
-    for k in ("dtype", "param_dtype", "remat", "scan_layers", "bos_token_id", "eos_token_id",
-              "pad_token_id"):
+    for k in ("dtype", "param_dtype", "remat", "scan_layers", "vision_max_patches",
+              "bos_token_id", "eos_token_id", "pad_token_id"):
         d.pop(k)
     return d
 

@@ -9,9 +9,9 @@
   the grids of all images of the batch in row-major order of appearance
   (exactly what the HF processor returns); extra all-zero rows are ignored.
 * ``mrope_cos_sin`` / ``vision_cos_sin``: the cos/sin tables.
-* ``vision_layout``: per-patch image/frame/row/column/window ids of a flat,
-  possibly padded, patch sequence, from which the vision tower builds its
-  block-diagonal (per image) and window attention masks.
+* ``vision_layout``: per-patch image/frame/row/column/window ids of the
+  (possibly padded) patch sequence, flat or regrouped one row per image, from
+  which the vision tower builds its per-image and window attention masks.
 """
 
 from __future__ import annotations
@@ -102,23 +102,38 @@ def get_rope_index(input_ids, attention_mask, image_grid_thw, *, image_token_id:
     return pos.astype(jnp.int32), deltas.astype(jnp.int32)
 
 
-def vision_layout(grid_thw, num_patches: int, spatial_merge_size: int, window_merged: int):
-    """Per-patch ids of a flat patch sequence of static length ``num_patches``.
+def vision_layout(grid_thw, num_patches: int, spatial_merge_size: int, window_merged: int,
+                  per_image: int = 0):
+    """Per-patch ids of the patch sequence (static shapes).
 
     Patches come as the HF processor emits them: image after image, frame after
     frame, ``m x m`` merge blocks in raster order, and the patches of a block in
-    raster order. Returns a dict of int32 ``[num_patches]`` arrays: ``image``,
-    ``frame``, ``row``, ``col`` (patch coordinates for the 2D rotary), ``win``
-    (window id inside the frame; 0 everywhere when ``window_merged == 0``) and a
-    bool ``valid`` (False for padding beyond the last image).
+    raster order. Two layouts:
+
+    * ``per_image == 0``: one row ``[1, num_patches]`` over the flat sequence;
+    * ``per_image == P``: one row per image, ``[num_images, P]`` (image ``g``'s
+      patches first, then padding; images larger than ``P`` are cut, so ``P``
+      must be at least the largest ``t*h*w``).
+
+    Returns int32 arrays of that shape: ``index`` (flat patch index, clipped into
+    range), ``image``, ``frame``, ``row``, ``col`` (patch coordinates for the 2D
+    rotary), ``win`` (window id inside the frame; 0 when ``window_merged == 0``)
+    and a bool ``valid`` (False on padding).
     """
     grid = jnp.asarray(grid_thw).astype(jnp.int32)
     sizes = grid[:, 0] * grid[:, 1] * grid[:, 2]
     ends = jnp.cumsum(sizes)
     starts = ends - sizes
-    i = jnp.arange(num_patches, dtype=jnp.int32)
-    image = jnp.clip(jnp.searchsorted(ends, i, side="right"), 0, grid.shape[0] - 1)
-    valid = i < ends[-1]
+    if per_image:
+        j = jnp.arange(per_image, dtype=jnp.int32)[None, :]
+        image = jnp.broadcast_to(jnp.arange(grid.shape[0], dtype=jnp.int32)[:, None],
+                                 (grid.shape[0], per_image))
+        i = starts[:, None] + j
+        valid = j < sizes[:, None]
+    else:
+        i = jnp.arange(num_patches, dtype=jnp.int32)[None, :]
+        image = jnp.clip(jnp.searchsorted(ends, i, side="right"), 0, grid.shape[0] - 1)
+        valid = i < ends[-1]
     local = i - starts[image]
     h, w = grid[image, 1], grid[image, 2]
     hw = jnp.maximum(h * w, 1)
@@ -139,16 +154,18 @@ def vision_layout(grid_thw, num_patches: int, spatial_merge_size: int, window_me
     else:
         win = jnp.zeros_like(i)
     z = lambda a: jnp.where(valid, a, 0).astype(jnp.int32)
-    return dict(image=z(image), frame=z(frame), row=z(row), col=z(col), win=z(win), valid=valid)
+    index = jnp.clip(i, 0, max(num_patches - 1, 0)).astype(jnp.int32)
+    return dict(index=index, image=z(image), frame=z(frame), row=z(row), col=z(col), win=z(win),
+                valid=valid)
 
 
 def vision_cos_sin(row, col, head_dim: int, theta: float):
-    """2D rotary cos/sin ``[N, head_dim]``: the first half of the bands rotate with the
+    """2D rotary cos/sin ``[..., head_dim]``: the first half of the bands rotate with the
     patch row, the second with the column (the bands are repeated for both halves)."""
     spatial = head_dim // 2
     inv = 1.0 / (theta ** (jnp.arange(0, spatial, 2, dtype=jnp.float32) / spatial))
-    fh = row.astype(jnp.float32)[:, None] * inv
-    fw = col.astype(jnp.float32)[:, None] * inv
+    fh = row.astype(jnp.float32)[..., None] * inv
+    fw = col.astype(jnp.float32)[..., None] * inv
     f = jnp.concatenate([fh, fw], axis=-1)
     emb = jnp.concatenate([f, f], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)

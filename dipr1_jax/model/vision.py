@@ -12,6 +12,10 @@ non-full-attention blocks of Qwen2.5-VL additionally attend only inside their
 ``window_size`` window; both are expressed as masks over the static patch
 sequence, so no token permutation is needed (attention inside a segment does
 not depend on token order, and the 2x2 merger groups stay contiguous).
+With ``ModelConfig.vision_max_patches = P`` the patches are regrouped into one
+row per image (``[num_images, P]``, P >= the largest image), so attention costs
+``num_images * P^2`` instead of ``N^2`` for the whole batch; the default (0)
+keeps one flat row.
 Output: merged image embeddings ``[N / merge**2, out_hidden_size]`` in the
 order of the image tokens of the prompt.
 """
@@ -39,13 +43,12 @@ class VisionAttention(nnx.Module):
         self.scale = v.head_dim ** -0.5
 
     def __call__(self, x, cos, sin, mask):
-        qkv = self.qkv(x)  # [N, 3, heads, hd]
-        q, k, val = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+        qkv = self.qkv(x)  # [G, P, 3, heads, hd]
+        q, k, val = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
         q = L.apply_rotary(q, cos, sin)
         k = L.apply_rotary(k, cos, sin)
-        out = jax.nn.dot_product_attention(q[None], k[None], val[None], mask=mask[None, None],
-                                           scale=self.scale)
-        return self.proj(out[0])
+        out = jax.nn.dot_product_attention(q, k, val, mask=mask[:, None], scale=self.scale)
+        return self.proj(out)
 
 
 class VisionBlock(nnx.Module):
@@ -98,29 +101,40 @@ class VisionTower(nnx.Module):
         self.merger = PatchMerger(cfg, rngs)
 
     def masks(self, grid_thw, num_patches: int):
-        """(full, window) attention masks ``[N, N]`` and the layout of the patch sequence."""
+        """(full, window) attention masks ``[G, P, P]`` and the patch layout (``G = 1,
+        P = num_patches`` in the flat layout; one row per image with
+        ``vision_max_patches``)."""
         v = self.cfg.vision
         win = v.window_size // v.spatial_merge_size // v.patch_size if v.window_size else 0
-        lay = vision_layout(grid_thw, num_patches, v.spatial_merge_size, win)
-        same = lambda a: a[:, None] == a[None, :]
-        full = same(lay["image"]) & same(lay["frame"]) & lay["valid"][:, None] & lay["valid"][None]
+        lay = vision_layout(grid_thw, num_patches, v.spatial_merge_size, win,
+                            per_image=self.cfg.vision_max_patches)
+        same = lambda a: a[:, :, None] == a[:, None, :]
+        valid = lay["valid"][:, :, None] & lay["valid"][:, None, :]
+        full = same(lay["image"]) & same(lay["frame"]) & valid
         window = full & same(lay["win"]) if win else full
         return full, window, lay
 
-    def hidden_states(self, pixel_values, grid_thw):
-        """Block outputs ``[N, hidden_size]`` before the merger (for parity checks)."""
+    def _check(self, pixel_values):
         v = self.cfg.vision
         n = pixel_values.shape[0]
-        if n % (v.spatial_merge_size ** 2):
+        unit = v.spatial_merge_size ** 2
+        if n % unit:
             raise ValueError(f"pixel_values has {n} patches, not a multiple of "
-                             f"spatial_merge_size**2={v.spatial_merge_size ** 2}")
+                             f"spatial_merge_size**2={unit}")
         if pixel_values.shape[1] != v.patch_dim:
             raise ValueError(f"pixel_values has {pixel_values.shape[1]} values per patch, the "
                              f"vision config expects {v.patch_dim} (channels*temporal*patch^2)")
-        full, window, lay = self.masks(grid_thw, n)
+
+    def _blocks(self, pixel_values, grid_thw):
+        """Block outputs ``[G, P, hidden]`` and the layout."""
+        v = self.cfg.vision
+        self._check(pixel_values)
+        full, window, lay = self.masks(grid_thw, pixel_values.shape[0])
         cos, sin = vision_cos_sin(lay["row"], lay["col"], v.head_dim, v.rope_theta)
-        x = self.patch_embed(pixel_values)
-        x = constrain(x, ("vision_tokens", "act_embed"))
+        x = jnp.take(pixel_values, lay["index"], axis=0)  # [G, P, patch_dim]
+        x = self.patch_embed(x)
+        axes = ("vision_images", "vision_tokens", "act_embed")
+        x = constrain(x, axes)
         policy = L.remat_policy(self.cfg.remat)
         for i, blk in enumerate(self.blocks):
             mask = full if (not v.window_size or i in v.fullatt_block_indexes) else window
@@ -128,9 +142,26 @@ class VisionTower(nnx.Module):
                 x = blk(x, cos, sin, mask)
             else:
                 x = nnx.remat(lambda b, *a: b(*a), policy=policy)(blk, x, cos, sin, mask)
-            x = constrain(x, ("vision_tokens", "act_embed"))
-        return x
+            x = constrain(x, axes)
+        return x, lay
+
+    def hidden_states(self, pixel_values, grid_thw):
+        """Block outputs ``[N, hidden_size]`` before the merger, in patch order (flat
+        layout only; for parity checks)."""
+        if self.cfg.vision_max_patches:
+            raise ValueError("hidden_states needs the flat layout (vision_max_patches=0)")
+        return self._blocks(pixel_values, grid_thw)[0][0]
 
     def __call__(self, pixel_values, grid_thw):
-        """Merged image embeddings ``[N / merge**2, out_hidden_size]``."""
-        return self.merger(self.hidden_states(pixel_values, grid_thw))
+        """Merged image embeddings ``[N / merge**2, out_hidden_size]`` in patch order."""
+        x, lay = self._blocks(pixel_values, grid_thw)
+        g, p, d = x.shape
+        unit = self.cfg.vision.spatial_merge_size ** 2
+        merged = self.merger(x.reshape(g * p, d)).reshape(g, p // unit, -1)
+        if not self.cfg.vision_max_patches:
+            return merged[0]
+        # per-image rows back to the flat order of the image tokens
+        n_out = pixel_values.shape[0] // unit
+        dest = jnp.where(lay["valid"][:, ::unit], lay["index"][:, ::unit] // unit, n_out)
+        out = jnp.zeros((n_out, merged.shape[-1]), merged.dtype)
+        return out.at[dest.reshape(-1)].set(merged.reshape(-1, merged.shape[-1]), mode="drop")

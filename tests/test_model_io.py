@@ -100,6 +100,13 @@ def test_v5_module_names_are_accepted(batch, tmp_path):
     assert np.abs(out - ref)[mask.astype(bool)].max() <= 1e-4
 
 
+def test_expect_preset_is_checked(ckpt):
+    from dipr1_jax.config import ConfigError
+    _, path = ckpt
+    with pytest.raises(ConfigError, match=r"differs from preset 'tiny': .*tie_word_embeddings"):
+        load_hf(path, expect_preset="tiny")
+
+
 def test_bf16_params_load(ckpt):
     _, path = ckpt
     model = load_hf(path, dtype="bfloat16")

@@ -31,7 +31,7 @@ from flax import nnx
 from jax.sharding import SingleDeviceSharding
 
 from dipr1_jax import sharding as shd
-from dipr1_jax.model.config import ModelConfig, read_hf_config, to_hf_dict
+from dipr1_jax.model.config import ModelConfig, check_preset, read_hf_config, to_hf_dict
 from dipr1_jax.model.qwen_vl import QwenVL
 
 
@@ -266,19 +266,24 @@ def _block_reader(reader: _Reader, e: Entry, dtype) -> Callable:
     return cb
 
 
-def load_hf(path: str, dtype: str | None = None, mesh=None, **runtime) -> QwenVL:
+def load_hf(path: str, dtype: str | None = None, mesh=None, expect_preset: str | None = None,
+            **runtime) -> QwenVL:
     """Loads a HF Qwen2-VL / Qwen2.5-VL checkpoint directory into a (sharded) ``QwenVL``.
 
     ``dtype``: parameter dtype (``'float32'`` / ``'bfloat16'``; default float32);
     compute dtype follows it unless ``runtime`` sets ``dtype_compute``. Other
-    ``runtime`` keys (``remat``, ``scan_layers``) go to the ModelConfig. With a
-    ``mesh`` every parameter is created with its NamedSharding.
+    ``runtime`` keys (``remat``, ``scan_layers``, ``vision_max_patches``) go to the
+    ModelConfig. With a ``mesh`` every parameter is created with its NamedSharding.
+    ``expect_preset`` (e.g. ``'qwen2.5-vl-7b'``): fail, naming each differing field,
+    unless config.json has that preset's architecture.
     """
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: not a directory")
     param_dtype = dtype or "float32"
     compute = runtime.pop("dtype_compute", param_dtype)
     cfg = read_hf_config(path, dtype=compute, param_dtype=param_dtype, **runtime)
+    if expect_preset is not None:
+        check_preset(cfg, expect_preset)
     reader = _Reader(path)
     table = param_table(cfg)
     _check(reader, table, cfg.text.tie_word_embeddings, path)

@@ -7,7 +7,7 @@ import zipfile
 import numpy as np
 import pytest
 
-tfds = pytest.importorskip("tensorflow_datasets")
+import tensorflow_datasets as tfds  # noqa: E402
 
 from dipr1_jax.data import pipeline as pl  # noqa: E402
 from dipr1_jax.data import read_crowdhuman, tfds_builders as tb  # noqa: E402

@@ -259,6 +259,10 @@ def generate(model, input_ids, attention_mask, pixel_values=None, image_grid_thw
     if pixel_values is not None:
         from dipr1_jax.model.qwen_vl import check_inputs
         check_inputs(model.cfg, input_ids, pixel_values, image_grid_thw)
+    if pixel_values is not None and not model.cfg.vision_max_patches and len(pixel_values) > 8192:
+        logging.warning("sampler: %d patches in the flat vision layout (an N^2 attention mask); "
+                        "set ModelConfig.vision_max_patches to the largest image's patch count",
+                        len(pixel_values))
     ids, mask, pv, grid = _pad_inputs(input_ids, attention_mask, pixel_values, image_grid_thw,
                                       prompt_bucket, patch_bucket, pad)
     B, T = ids.shape

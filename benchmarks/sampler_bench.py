@@ -56,19 +56,22 @@ def _time(fn, repeats):
     return best
 
 
-def cpu_bench(name, B, G, N, repeats, skip_hf):
+def cpu_bench(name, B, G, N, repeats, skip_hf, grid_hw=(16, 16)):
     import torch
     import transformers
-    cfg = preset(name)
+    per_image = int(np.prod(grid_hw))
+    # Per-image vision attention (the flat layout's mask is quadratic in all patches).
+    cfg = preset(name, vision_max_patches=per_image)
     model = create_model(cfg, seed=0)
-    ids, mask, pv, grid = _inputs(B)
+    ids, mask, pv, grid = _inputs(B, grid=(1,) + tuple(grid_hw))
     kw = dict(max_new_tokens=N, temperature=1.0, eos_token_ids=NEVER, pad_token_id=mt.PAD)
 
     def ours():
         sampler.generate(model, ids, mask, pv, grid, group_size=G, rng=jax.random.key(0), **kw)
 
     rep_ids, rep_mask = np.repeat(ids, G, 0), np.repeat(mask, G, 0)
-    rep_pv = np.concatenate([pv[i * 256:(i + 1) * 256] for i in range(B) for _ in range(G)])
+    rep_pv = np.concatenate([pv[i * per_image:(i + 1) * per_image] for i in range(B)
+                             for _ in range(G)])
     rep_grid = np.repeat(grid, G, 0)
 
     def unshared():
@@ -112,7 +115,7 @@ def device_bench(name, B, G, N, peak_bw):
     kind = jax.devices()[0].device_kind
     if not peak_bw:
         peak_bw = next((v for k, v in _PEAK_BW.items() if k.lower() in kind.lower()), 3.35e12)
-    cfg = preset(name, dtype="bfloat16", param_dtype="bfloat16")
+    cfg = preset(name, dtype="bfloat16", param_dtype="bfloat16", vision_max_patches=28 * 28)
     model = create_model(cfg, seed=0)
     ids, mask, pv, grid = _inputs(B, grid=(1, 28, 28))
     ids_p, mask_p, pv_p, grid_p = sampler._pad_inputs(ids, mask, pv, grid, sampler.PROMPT_BUCKET,
@@ -169,6 +172,8 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--grid", type=int, nargs=2, default=(16, 16),
+                    help="image patch grid h w (image tokens = h*w/4); CPU mode")
     ap.add_argument("--device", action="store_true")
     ap.add_argument("--device-preset", default="qwen2.5-vl-3b")
     ap.add_argument("--peak-bw", type=float, default=0.0,
@@ -179,7 +184,8 @@ def main():
         device_bench(args.device_preset, args.batch, args.group, args.new_tokens, args.peak_bw)
         return
     for name in args.presets.split(","):
-        cpu_bench(name, args.batch, args.group, args.new_tokens, args.repeats, args.skip_hf)
+        cpu_bench(name, args.batch, args.group, args.new_tokens, args.repeats, args.skip_hf,
+                  tuple(args.grid))
 
 
 if __name__ == "__main__":

@@ -111,7 +111,7 @@ def parse_flags(argv: list[str], flag_values=flags.FLAGS) -> list[str]:
     except flags.Error as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except SystemExit as e:
+    except SystemExit:
         # absl exits 1 after printing --help/--helpfull; asking for help is no error.
         if any(a.split("=")[0] in _HELP_FLAGS for a in argv[1:]):
             sys.exit(0)

@@ -11,9 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-import jax
 import jax.numpy as jnp
-from flax import nnx
 
 import model_testutil as U
 from dipr1_jax.model import load_hf, get_rope_index

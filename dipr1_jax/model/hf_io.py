@@ -121,7 +121,6 @@ def param_table(cfg: ModelConfig) -> list[Entry]:
     # decoder
     dp = ("decoder",)
     add(dp + ("embed_tokens",), "model.embed_tokens.weight", (t.vocab_size, D))
-    layer_entries: list[Entry] = []
     start = len(out)
     for i in range(t.num_layers):
         lp, name = dp + ("layers", i), f"model.layers.{i}"

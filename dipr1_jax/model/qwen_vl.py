@@ -19,7 +19,6 @@ Pieces for the sampler / trainer::
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 

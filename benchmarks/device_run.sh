@@ -1,19 +1,30 @@
 #!/usr/bin/env bash
 # The prepared accelerator check (one call on a lent GPU/TPU machine):
-# model forward+backward step time and MFU, then sampler prefill/decode
-# throughput and the fraction of the memory-bandwidth bound.
+# sampler prefill/decode throughput (fraction of the memory-bandwidth bound,
+# and transformers generate on the same card), then the model's
+# forward+backward step time and MFU with and without layer scan.
 #   OUT=/tmp/out bash benchmarks/device_run.sh
-# Uses the machine's own jax/flax/optax (no install): PYTHONPATH=. only.
+# Uses the machine's own jax/optax/torch (no install): PYTHONPATH=. only. If
+# its flax is older than 0.12 and wheels were carried in .whl/, those are used.
 set -u
 OUT=${OUT:-/tmp/dipr1_device}
 mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-export XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
+if ! python3 -c "import flax, sys; v = tuple(int(x) for x in flax.__version__.split('.')[:2]); sys.exit(v < (0, 12))" \
+    && ls .whl/flax-*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PYTHONPATH
+fi
 {
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>/dev/null
   python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
 } 2>&1 | tee "$OUT/env.txt"
-timeout "${MODEL_TIMEOUT:-270}" python3 benchmarks/model_bench.py --device --scan off --steps 5 \
-  2>&1 | grep -v Warning | tee "$OUT/model_bench.txt"
-timeout "${SAMPLER_TIMEOUT:-200}" python3 benchmarks/sampler_bench.py --device \
-  2>&1 | grep -v Warning | tee "$OUT/sampler_bench.txt"
+# Sampler first: JAX takes half the card, transformers' generate runs in a child process.
+XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 timeout "${SAMPLER_TIMEOUT:-210}" \
+  python3 benchmarks/sampler_bench.py --device 2>&1 | grep --line-buffered -v Warning | tee "$OUT/sampler_bench.txt"
+export XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
+timeout "${SCAN_TIMEOUT:-150}" python3 benchmarks/model_bench.py --device --scan on --steps 5 \
+  2>&1 | grep --line-buffered -v Warning | tee "$OUT/model_bench_scan.txt"
+timeout "${NOSCAN_TIMEOUT:-150}" python3 benchmarks/model_bench.py --device --scan off --steps 5 \
+  2>&1 | grep --line-buffered -v Warning | tee "$OUT/model_bench_noscan.txt"

@@ -111,13 +111,26 @@ _PEAK_BW = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12, "TPU v5e": 0.82e12,
             "TPU v5p": 2.76e12, "TPU v4": 1.2e12}
 
 
-def device_bench(name, B, G, N, peak_bw):
+def _device_inputs(cfg, B, grid=(1, 28, 28)):
+    """The CPU-mode prompts with the tiny special ids mapped to ``cfg``'s (a 3B preset uses
+    Qwen's real ids: the image tokens must be recognised as such)."""
+    ids, mask, pv, grid_thw = _inputs(B, grid=grid)
+    out = ids.copy()
+    for tiny, real in ((mt.IMG, cfg.image_token_id), (mt.VSTART, cfg.vision_start_token_id),
+                       (mt.VEND, cfg.vision_end_token_id)):
+        out[ids == tiny] = real
+    return out, mask, pv, grid_thw
+
+
+def device_bench(name, B, G, N, peak_bw, hf=True):
     kind = jax.devices()[0].device_kind
     if not peak_bw:
         peak_bw = next((v for k, v in _PEAK_BW.items() if k.lower() in kind.lower()), 3.35e12)
     cfg = preset(name, dtype="bfloat16", param_dtype="bfloat16", vision_max_patches=28 * 28)
+    t0 = time.perf_counter()
     model = create_model(cfg, seed=0)
-    ids, mask, pv, grid = _inputs(B, grid=(1, 28, 28))
+    print(f"  init {time.perf_counter() - t0:.1f} s", flush=True)
+    ids, mask, pv, grid = _device_inputs(cfg, B)
     ids_p, mask_p, pv_p, grid_p = sampler._pad_inputs(ids, mask, pv, grid, sampler.PROMPT_BUCKET,
                                                       sampler.PATCH_BUCKET, mt.PAD)
     from flax import nnx
@@ -139,9 +152,13 @@ def device_bench(name, B, G, N, peak_bw):
         jax.block_until_ready(out)
         return time.perf_counter() - t
 
+    t0 = time.perf_counter()
     prefill()
+    print(f"  prefill compiled+ran in {time.perf_counter() - t0:.1f} s", flush=True)
     t_pre = min(_t(prefill) for _ in range(3))
+    t0 = time.perf_counter()
     decode()
+    print(f"  decode compiled+ran in {time.perf_counter() - t0:.1f} s", flush=True)
     t_dec = min(decode() for _ in range(3))
     n_params = sum(x.size for x in jax.tree.leaves(state))
     dec_params = n_params - sum(x.size for x in jax.tree.leaves(nnx.state(model.visual)))
@@ -155,7 +172,56 @@ def device_bench(name, B, G, N, peak_bw):
           f"{B * G * N / t_dec:.0f} tok/s")
     print(f"  memory-bandwidth bound: {bytes_per_step / 1e9:.2f} GB/step -> "
           f"{bytes_per_step / step / 1e12:.2f} TB/s = {bytes_per_step / step / peak_bw:.1%} "
-          f"of {peak_bw / 1e12:.2f} TB/s peak")
+          f"of {peak_bw / 1e12:.2f} TB/s peak", flush=True)
+    # End to end through the public entry point (host padding and transfers included).
+    kw = dict(group_size=G, max_new_tokens=N, temperature=1.0, eos_token_ids=NEVER,
+              pad_token_id=mt.PAD, rng=jax.random.key(0))
+    t_gen = _time(lambda: jax.block_until_ready(
+        sampler.generate(model, ids, mask, pv, grid, **kw).tokens), 2)
+    print(f"  (a) generate() end to end {t_gen:.2f} s, {B * G * N / t_gen:.0f} tok/s", flush=True)
+    if not hf:
+        return
+    import subprocess
+    cmd = [sys.executable, os.path.abspath(__file__), "--device-hf", "--device-preset", name,
+           "--batch", str(B), "--group", str(G), "--new-tokens", str(N)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    line = [x for x in res.stdout.splitlines() if x.startswith("HF_GENERATE_SECONDS")]
+    if res.returncode or not line:
+        print(f"  (c) transformers generate failed (rc {res.returncode}):\n"
+              + (res.stdout + res.stderr)[-3000:])
+        return
+    t_hf = float(line[0].split()[1])
+    print(f"  (c) transformers generate (torch, bf16, same device, num_return_sequences=G) "
+          f"{t_hf:.2f} s, {B * G * N / t_hf:.0f} tok/s   a/c = {t_hf / t_gen:.2f}x", flush=True)
+
+
+def device_hf(name, B, G, N):
+    """Child process: transformers ``generate`` of the same architecture (random weights)."""
+    import torch
+    import transformers
+    from dipr1_jax.model import to_hf_dict
+    cfg = preset(name)
+    hc = transformers.AutoConfig.for_model(**to_hf_dict(cfg))
+    torch.manual_seed(0)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: dry runs of this script
+    with torch.device(dev):
+        hf = transformers.AutoModelForImageTextToText.from_config(hc, dtype=torch.bfloat16).eval()
+    ids, mask, pv, grid = _device_inputs(cfg, B)
+    args = dict(input_ids=torch.tensor(ids, device=dev), attention_mask=torch.tensor(mask, device=dev),
+                pixel_values=torch.tensor(pv, device=dev, dtype=torch.bfloat16),
+                image_grid_thw=torch.tensor(grid, device=dev),
+                mm_token_type_ids=torch.tensor((ids == cfg.image_token_id).astype(np.int64), device=dev),
+                do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=N,
+                min_new_tokens=N, num_return_sequences=G, eos_token_id=None, pad_token_id=mt.PAD)
+
+    def gen():
+        with torch.no_grad():
+            out = hf.generate(**args)
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        assert out.shape == (B * G, ids.shape[1] + N), out.shape
+
+    print(f"HF_GENERATE_SECONDS {_time(gen, 2):.4f}", flush=True)
 
 
 def _t(fn):
@@ -176,12 +242,19 @@ def main():
                     help="image patch grid h w (image tokens = h*w/4); CPU mode")
     ap.add_argument("--device", action="store_true")
     ap.add_argument("--device-preset", default="qwen2.5-vl-3b")
+    ap.add_argument("--device-hf", action="store_true",
+                    help="internal: the transformers half of --device, run in a child process")
+    ap.add_argument("--no-hf", action="store_true", help="--device without transformers")
     ap.add_argument("--peak-bw", type=float, default=0.0,
                     help="peak memory bandwidth, bytes/s (default: from the device kind)")
     args = ap.parse_args()
+    if args.device_hf:
+        device_hf(args.device_preset, args.batch, args.group, args.new_tokens)
+        return
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} device(s)")
     if args.device:
-        device_bench(args.device_preset, args.batch, args.group, args.new_tokens, args.peak_bw)
+        device_bench(args.device_preset, args.batch, args.group, args.new_tokens, args.peak_bw,
+                     hf=not args.no_hf)
         return
     for name in args.presets.split(","):
         cpu_bench(name, args.batch, args.group, args.new_tokens, args.repeats, args.skip_hf,

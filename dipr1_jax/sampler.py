@@ -119,8 +119,7 @@ def _round_up(n: int, m: int) -> int:
 
 def _constrain_cache(cache):
     from dipr1_jax.model.decoder import KVCache
-    axes = ("layers", "batch", None, "act_kv_heads", None)
-    return KVCache(constrain(cache.k, axes), constrain(cache.v, axes), cache.index)
+    return KVCache(constrain(cache.k, KVCache.AXES), constrain(cache.v, KVCache.AXES), cache.index)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "group_size"))

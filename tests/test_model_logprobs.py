@@ -6,6 +6,7 @@ import torch
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 import model_testutil as U
 from dipr1_jax.model import load_hf, model_token_logprobs, text_position_ids, token_logprobs
@@ -15,7 +16,7 @@ from dipr1_jax.model import load_hf, model_token_logprobs, text_position_ids, to
 def ckpt(tmp_path_factory):
     hf = U.hf_model(U.hf_config("qwen2_5_vl", tie=True), seed=31)
     path = U.save_checkpoint(hf, str(tmp_path_factory.mktemp("lp")))
-    return hf, load_hf(path)
+    return hf, load_hf(path), path
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def batch():
 
 
 def test_model_token_logprobs_match_torch_log_softmax(ckpt, batch):
-    hf, model = ckpt
+    hf, model, _ = ckpt
     ids, mask, pix, grid = batch
     f = U._jit(lambda i, m, p, g: model_token_logprobs(model, i, m, p, g, chunk_size=7))
     out = np.asarray(f(*(jnp.asarray(x) for x in batch)))
@@ -75,17 +76,24 @@ def test_chunked_logprobs_never_hold_full_logits():
     assert long < full_bytes / 8, (long, full_bytes)
 
 
-def test_kv_cache_decode_matches_full_forward(ckpt, batch):
+@pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
+def test_kv_cache_decode_matches_full_forward(ckpt, batch, scan):
     """Prefill (images, left padding) into a cache, then decode 3 tokens one at a time:
-    each step's logits equal transformers' full forward over the extended sequence."""
-    hf, model = ckpt
+    each step's logits equal transformers' full forward over the extended sequence
+    (layers as a Python loop updating the stacked cache in place, and as a scan)."""
+    hf, model, path = ckpt
+    if scan:
+        model = load_hf(path, scan_layers=True)
     ids, mask, pix, grid = batch
     B, T = ids.shape
     new = np.array([[5, 6, 7], [8, 9, 10]])
     ref = U.hf_forward(hf, np.concatenate([ids, new], 1),
                        np.concatenate([mask, np.ones_like(new)], 1), pix, grid)
 
-    def run(ids, mask, pix, grid, new):
+    graphdef, state = nnx.split(model)
+
+    def run(state, ids, mask, pix, grid, new):
+        model = nnx.merge(graphdef, state)  # (nnx.scan needs the module traced, not closed over)
         img = model.encode_images(pix, grid)
         pos, deltas = model.get_rope_index(ids, mask, grid)
         cache = model.init_cache(B, T + 3)
@@ -99,6 +107,6 @@ def test_kv_cache_decode_matches_full_forward(ckpt, batch):
             outs.append(model.decoder.logits(h[:, 0]))
         return jnp.stack(outs, 1), cache.index
 
-    out, index = U._jit(run)(*(jnp.asarray(x) for x in (ids, mask, pix, grid, new)))
+    out, index = U._jit(run)(state, *(jnp.asarray(x) for x in (ids, mask, pix, grid, new)))
     assert int(index) == T + 3
     np.testing.assert_allclose(np.asarray(out), ref[:, T - 1:T + 3], atol=1e-4)

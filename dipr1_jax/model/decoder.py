@@ -32,15 +32,21 @@ _ACT = ("batch", "seq", "act_embed")
 
 
 class KVCache(NamedTuple):
-    k: jax.Array  # [layers, B, S_max, kv_heads, head_dim]
+    """Keys/values ``[layers, B, kv_heads, S_max, head_dim]``: heads before slots, so
+    the decode-step attention is a plain batched matmul over the cache (no transpose
+    copy of it per step)."""
+
+    k: jax.Array
     v: jax.Array
     index: jax.Array  # int32 scalar: next write slot
+
+    AXES = ("layers", "batch", "act_kv_heads", None, None)  # logical sharding axes
 
     @staticmethod
     def init(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
         t = cfg.text
         dtype = dtype or L._dtype(cfg.dtype)
-        shape = (t.num_layers, batch, max_len, t.num_kv_heads, t.head_dim)
+        shape = (t.num_layers, batch, t.num_kv_heads, max_len, t.head_dim)
         return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
 
 
@@ -59,18 +65,43 @@ class Attention(nnx.Module):
         self.scale = t.head_dim ** -0.5
 
     def __call__(self, x, cos, sin, mask, kv=None, index=None):
+        """``kv``: None (no cache), or ``(k, v, layer)`` with ``k``/``v`` the stacked
+        ``[layers, B, Hkv, S, D]`` cache and ``layer`` this layer's index (updated in
+        place), or ``(k, v, None)`` with this layer's ``[B, Hkv, S, D]`` slice (scan)."""
         q = L.apply_rotary(self.q_proj(x), cos, sin)
         k = L.apply_rotary(self.k_proj(x), cos, sin)
         v = self.v_proj(x)
         q = constrain(q, ("batch", "seq", "act_heads", None))
-        if kv is not None:
-            ck, cv = kv
-            k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
-            v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
-            kv = (k, v)
-            k, v = k.astype(q.dtype), v.astype(q.dtype)
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.scale)
-        return self.o_proj(out), kv
+        if kv is None:
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.scale)
+            return self.o_proj(out), None
+        ck, cv, layer = kv
+        k, v = (jnp.swapaxes(a, 1, 2).astype(ck.dtype) for a in (k, v))  # [B, Hkv, T, D]
+        if layer is None:
+            ck = jax.lax.dynamic_update_slice(ck, k, (0, 0, index, 0))
+            cv = jax.lax.dynamic_update_slice(cv, v, (0, 0, index, 0))
+            k, v = ck, cv
+        else:
+            ck = jax.lax.dynamic_update_slice(ck, k[None], (layer, 0, 0, index, 0))
+            cv = jax.lax.dynamic_update_slice(cv, v[None], (layer, 0, 0, index, 0))
+            k, v = ck[layer], cv[layer]
+        out = cached_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.scale)
+        return self.o_proj(out), (ck, cv, layer)
+
+
+def cached_attention(q, k, v, mask, scale):
+    """Grouped-query attention of ``q [B, T, H, D]`` over a cache ``k, v [B, Hkv, S, D]``
+    with ``mask [B, 1, T, S]``; scores and softmax in float32, as
+    ``jax.nn.dot_product_attention`` computes them. Returns ``[B, T, H, D]``."""
+    B, T, H, D = q.shape
+    hkv = k.shape[1]
+    qg = q.reshape(B, T, hkv, H // hkv, D)
+    f32 = jnp.float32
+    s = jnp.einsum("btgrd,bgsd->bgrts", qg, k, preferred_element_type=f32) * scale
+    s = jnp.where(mask[:, :, None], s, jnp.finfo(f32).min)  # mask [B, 1, 1, T, S]
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bgrts,bgsd->btgrd", p, v)
+    return out.reshape(B, T, H, D)
 
 
 class DecoderLayer(nnx.Module):
@@ -158,28 +189,25 @@ class TextDecoder(nnx.Module):
         x = constrain(inputs_embeds.astype(L._dtype(cfg.dtype)), _ACT)
         policy = L.remat_policy(cfg.remat)
         fn = _call_layer if policy is None else nnx.remat(_call_layer, policy=policy)
-        new_k, new_v = [], []
         if cfg.scan_layers:
             kvs = (cache.k, cache.v) if cache is not None else None
 
             @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0))
             def body(layer, x, kv):
-                x, kv = fn(layer, x, cos, sin, mask, kv, index)
-                return x, kv
+                x, kv = fn(layer, x, cos, sin, mask, None if kv is None else (*kv, None), index)
+                return x, None if kv is None else kv[:2]
 
             x, kv_out = body(self.layers, x, kvs)
             if cache is not None:
-                new_k, new_v = kv_out
+                cache = KVCache(kv_out[0], kv_out[1], cache.index + T)
         else:
+            # The stacked cache is threaded through the layers and updated in place
+            # (no per-layer slice copies or re-stacking of the whole cache per call).
+            kv = None if cache is None else (cache.k, cache.v, 0)
             for i, layer in enumerate(self.layers):
-                kv = (cache.k[i], cache.v[i]) if cache is not None else None
-                x, kv = fn(layer, x, cos, sin, mask, kv, index)
-                if cache is not None:
-                    new_k.append(kv[0])
-                    new_v.append(kv[1])
+                x, kv = fn(layer, x, cos, sin, mask, None if kv is None else (kv[0], kv[1], i),
+                           index)
             if cache is not None:
-                new_k, new_v = jnp.stack(new_k), jnp.stack(new_v)
+                cache = KVCache(kv[0], kv[1], cache.index + T)
         x = self.norm(x)
-        if cache is not None:
-            cache = KVCache(new_k, new_v, cache.index + T)
         return x, cache

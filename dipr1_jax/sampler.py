@@ -80,8 +80,16 @@ def sample_token(logits, key, temperature: float, top_k: int = 0, top_p: float =
     cut to the ``top_k`` largest (0: all) and to the smallest prefix of the
     sorted distribution whose mass reaches ``top_p``, and sampled. The log-prob
     is that of the untruncated tempered distribution (what a teacher-forced
-    forward of the policy computes).
+    forward of the policy computes). ``key``: one PRNG key per row.
     """
+    u = None
+    if temperature != 0:
+        u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(key)
+    return _sample_with_uniform(logits, u, temperature, top_k, top_p, suppress)
+
+
+def _sample_with_uniform(logits, u, temperature, top_k=0, top_p=1.0, suppress=()):
+    """:func:`sample_token` with the row's uniform ``u [N]`` in [0, 1) given."""
     logits = logits.astype(jnp.float32)
     banned = jnp.asarray(suppress, jnp.int32) if suppress else None
     if temperature == 0:
@@ -106,8 +114,7 @@ def sample_token(logits, key, temperature: float, top_k: int = 0, top_p: float =
     # vocabulary entry (the PRNG cost of categorical dominates CPU decode steps).
     probs = jax.nn.softmax(masked, axis=-1)
     cdf = jnp.cumsum(probs, axis=-1)
-    u = 1.0 - jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(key)  # (0, 1]
-    u = u[:, None] * cdf[:, -1:]
+    u = (1.0 - u)[:, None] * cdf[:, -1:]  # (0, 1] of the mass
     # First index with cdf >= u: it has positive mass, so truncated tokens never appear.
     tok = jnp.minimum(jnp.sum(cdf < u, axis=-1), logits.shape[-1] - 1)
     return tok, jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
@@ -155,6 +162,9 @@ def _decode(graphdef, state, cache, cache_mask, logits, next_pos, keys, *, max_n
     N = logits.shape[0]
     eos = jnp.asarray(eos_ids, jnp.int32)
     t0 = cache.index  # first generated slot (== padded prompt length)
+    # Every row's uniforms for all steps at once, from its own key (the PRNG is not
+    # re-run inside the loop).
+    uniforms = jax.vmap(lambda k: jax.random.uniform(k, (max_new_tokens,), jnp.float32))(keys)
 
     def cond(c):
         i, done = c[0], c[5]
@@ -162,8 +172,9 @@ def _decode(graphdef, state, cache, cache_mask, logits, next_pos, keys, *, max_n
 
     def body(c):
         i, cache, cache_mask, logits, tokens, done, lengths, logps = c
-        step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, i)
-        tok, lp = sample_token(logits, step_keys, temperature, top_k, top_p, suppress)
+        u = jax.lax.dynamic_index_in_dim(uniforms, i, axis=1, keepdims=False)
+        tok, lp = _sample_with_uniform(logits, None if temperature == 0 else u, temperature,
+                                       top_k, top_p, suppress)
         tok = jnp.where(done, pad_id, tok).astype(jnp.int32)
         lp = jnp.where(done, 0.0, lp)
         tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, i))

@@ -141,8 +141,36 @@ def cpu_bench(name: str, batch: int, text_len: int, grid_hw, steps: int) -> None
           f"scan={t_scan:5.1f} s", flush=True)
 
 
+def parts_bench(model, args, steps: int) -> None:
+    """Where a step's time goes: the vision tower alone (forward+backward of a
+    scalar of its output) and the decoder + loss alone (image tokens replaced by
+    text tokens, no vision tower), each compiled and timed on its own."""
+    ids, mask, pix, grid = args
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    text_ids = jnp.where(ids == model.cfg.image_token_id, 100, ids)
+
+    def vision_loss(p, r):
+        out = nnx.merge(graphdef, p, r).encode_images(pix, grid)
+        return jnp.mean(jnp.square(out.astype(jnp.float32)))
+
+    def text_loss(p, r):
+        logits = nnx.merge(graphdef, p, r)(text_ids, mask)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], text_ids[:, 1:])
+        return jnp.mean(ce)
+
+    for label, fn in (("vision tower", vision_loss), ("decoder + loss", text_loss)):
+        step = jax.jit(jax.value_and_grad(fn))
+        compiled = step.lower(params, rest).compile()
+
+        def run(compiled=compiled):
+            jax.block_until_ready(compiled(params, rest))
+
+        run()
+        print(f"  part: {label:15s} fwd+bwd {time_it(run, steps) * 1e3:8.1f} ms", flush=True)
+
+
 def device_bench(name: str, batch: int, text_len: int, grid_hw, steps: int, remat: str,
-                 scan_modes) -> None:
+                 scan_modes, parts: bool = False) -> None:
     dev = jax.devices()[0]
     kind = dev.device_kind
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
@@ -179,7 +207,9 @@ def device_bench(name: str, batch: int, text_len: int, grid_hw, steps: int, rema
               f"seq={ids.shape[1]} tokens={tokens} patches={pix.shape[0]} | init {t_init:.1f} s "
               f"compile {t_compile:.1f} s | step {t * 1e3:.1f} ms, {tokens / t:,.0f} tok/s, "
               f"MFU(6ND) {100 * mfu:.1f}% | loss {loss:.4f}", flush=True)
-        del model, params, rest, compiled
+        if parts:
+            parts_bench(model, args, steps)
+        model = params = rest = compiled = None  # free before the next mode
 
 
 def main(argv=None):
@@ -193,10 +223,13 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--remat", default="full")
     ap.add_argument("--scan", choices=["both", "on", "off"], default="both")
+    ap.add_argument("--parts", action="store_true",
+                    help="--device: also time the vision tower and the decoder + loss alone")
     a = ap.parse_args(argv)
     if a.device:
         modes = {"both": (True, False), "on": (True,), "off": (False,)}[a.scan]
-        device_bench(a.preset, a.batch, a.text_len, tuple(a.grid), a.steps, a.remat, modes)
+        device_bench(a.preset, a.batch, a.text_len, tuple(a.grid), a.steps, a.remat, modes,
+                     a.parts)
         return
     print(f"CPU: jax {jax.__version__} on {jax.devices()[0].device_kind}; ratio = torch/jax "
           "(median step time, forward+backward, same weights and inputs)", flush=True)

@@ -228,7 +228,7 @@ def generate(model, input_ids, attention_mask, pixel_values=None, image_grid_thw
              top_k: int = 0, eos_token_ids: Sequence[int] | int, rng, pad_token_id: int | None = None,
              tokenizer: Any = None, suppress_token_ids: Sequence[int] | None = None,
              prompt_bucket: int = PROMPT_BUCKET,
-             patch_bucket: int = PATCH_BUCKET) -> SampleOutput:
+             patch_bucket: int = PATCH_BUCKET, cache_length: int | None = None) -> SampleOutput:
     """Samples ``group_size`` completions for each of ``B`` left-padded prompts.
 
     Args:
@@ -247,6 +247,12 @@ def generate(model, input_ids, attention_mask, pixel_values=None, image_grid_thw
       suppress_token_ids: ids never sampled. Default: the model's image,
         video and vision start/end tokens, since a generated image-pad token
         would misalign the image scatter of the training forward.
+      prompt_bucket, patch_bucket: prompt lengths and patch counts are padded up
+        to multiples of these (one compilation per bucket).
+      cache_length: KV-cache slots (default: the bucketed prompt length plus
+        ``max_new_tokens``). A fixed value must hold the longest bucketed prompt
+        plus ``max_new_tokens``; the decode program is then compiled once for
+        all prompt buckets.
 
     Returns: :class:`SampleOutput` of numpy arrays.
     """
@@ -277,6 +283,12 @@ def generate(model, input_ids, attention_mask, pixel_values=None, image_grid_thw
                                       prompt_bucket, patch_bucket, pad)
     B, T = ids.shape
     cache_len = T + max_new_tokens
+    if cache_length is not None:
+        if cache_length < cache_len:
+            raise ValueError(f"generate: cache_length={cache_length} cannot hold the prompt "
+                             f"({T} tokens after bucketing) plus max_new_tokens={max_new_tokens}"
+                             f" = {cache_len}")
+        cache_len = int(cache_length)
     graphdef, state = nnx.split(model)
     shape_key = (B, T, None if pv is None else pv.shape[0], None if grid is None else grid.shape[0])
     _note_compile("prefill", shape_key + (cache_len, group_size))

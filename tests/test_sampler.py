@@ -178,6 +178,28 @@ def test_bucketing_bounds_compilations(model, batch):
         np.testing.assert_array_equal(o.tokens, outs[0].tokens)  # extra left padding is inert
 
 
+def test_fixed_cache_length_same_tokens_one_decode_compile(model, batch):
+    ids, mask, pv, grid = batch
+    kw = dict(group_size=2, max_new_tokens=6, temperature=0.0, eos_token_ids=[EOS],
+              rng=jax.random.key(0), pad_token_id=PAD)
+    ref = sampler.generate(model, ids, mask, pv, grid, **kw)
+    T = -(-ids.shape[1] // 64) * 64
+    before = [c for c in sampler.compile_log() if c["program"] == "decode"]
+    outs = []
+    for extra in (0, 64):  # two prompt buckets, one cache size
+        pad = np.full((ids.shape[0], extra), PAD, ids.dtype)
+        outs.append(sampler.generate(model, np.concatenate([pad, ids], 1),
+                                     np.concatenate([np.zeros_like(pad), mask], 1), pv, grid,
+                                     cache_length=T + 64 + 6 + 10, **kw))
+    after = [c for c in sampler.compile_log() if c["program"] == "decode"]
+    assert len(after) - len(before) == 1
+    for o in outs:
+        np.testing.assert_array_equal(o.tokens, ref.tokens)
+        np.testing.assert_allclose(o.logprobs, ref.logprobs, atol=1e-5)
+    with pytest.raises(ValueError, match="cache_length"):
+        sampler.generate(model, ids, mask, pv, grid, cache_length=T + 5, **kw)
+
+
 def test_bad_inputs_are_clear_errors(model, batch):
     ids, mask, pv, grid = batch
     right = mt.build_batch([(1, 4, 6), (1, 4, 4)], [[3, 5], [1, 2]], padding="right", seed=1)

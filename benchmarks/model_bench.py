@@ -35,7 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from dipr1_jax.model import create_model, load_hf, param_table, preset, to_hf_dict  # noqa: E402
+from dipr1_jax.model import create_model, load_hf, param_table, preset, to_hf_dict, vision  # noqa: E402
 
 # Dense bf16 peak (TFLOP/s) by device kind.
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "TPU v4": 275.0, "TPU v5e": 197.0,
@@ -203,7 +203,7 @@ def device_bench(name: str, batch: int, text_len: int, grid_hw, steps: int, rema
         tokens = ids.size
         flops = 6.0 * n * tokens
         mfu = flops / t / (peak * 1e12) if peak else float("nan")
-        print(f"{name} scan={scan} remat={remat} params={n / 1e9:.3f}B batch={batch} "
+        print(f"{name} scan={scan} remat={remat} vision={vision.WINDOW_IMPL} params={n / 1e9:.3f}B batch={batch} "
               f"seq={ids.shape[1]} tokens={tokens} patches={pix.shape[0]} | init {t_init:.1f} s "
               f"compile {t_compile:.1f} s | step {t * 1e3:.1f} ms, {tokens / t:,.0f} tok/s, "
               f"MFU(6ND) {100 * mfu:.1f}% | loss {loss:.4f}", flush=True)
@@ -223,9 +223,12 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--remat", default="full")
     ap.add_argument("--scan", choices=["both", "on", "off"], default="both")
+    ap.add_argument("--window-impl", choices=["blocked", "masked"], default="blocked",
+                    help="vision windowed blocks: window slots (default) or dense masked scores")
     ap.add_argument("--parts", action="store_true",
                     help="--device: also time the vision tower and the decoder + loss alone")
     a = ap.parse_args(argv)
+    vision.WINDOW_IMPL = a.window_impl
     if a.device:
         modes = {"both": (True, False), "on": (True,), "off": (False,)}[a.scan]
         device_bench(a.preset, a.batch, a.text_len, tuple(a.grid), a.steps, a.remat, modes,

@@ -24,7 +24,7 @@ fi
 XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 timeout "${SAMPLER_TIMEOUT:-210}" \
   python3 benchmarks/sampler_bench.py --device 2>&1 | grep --line-buffered -v Warning | tee "$OUT/sampler_bench.txt"
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
-timeout "${SCAN_TIMEOUT:-150}" python3 benchmarks/model_bench.py --device --scan on --steps 5 \
+timeout "${SCAN_TIMEOUT:-150}" python3 benchmarks/model_bench.py --device --scan on --steps 5 --parts \
   2>&1 | grep --line-buffered -v Warning | tee "$OUT/model_bench_scan.txt"
 timeout "${NOSCAN_TIMEOUT:-150}" python3 benchmarks/model_bench.py --device --scan off --steps 5 \
   2>&1 | grep --line-buffered -v Warning | tee "$OUT/model_bench_noscan.txt"

@@ -19,6 +19,7 @@ Pieces for the sampler / trainer::
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -62,10 +63,15 @@ class QwenVL(nnx.Module):
 
     def hidden_states(self, input_ids, attention_mask=None, pixel_values=None,
                       image_grid_thw=None):
-        """Final-normed decoder hidden states ``[B, T, hidden]``."""
-        input_ids = jnp.asarray(input_ids)
+        """Final-normed decoder hidden states ``[B, T, hidden]``. Called eagerly (concrete
+        arrays, not under jit), the inputs are checked first (:func:`check_inputs`)."""
         if pixel_values is not None and image_grid_thw is None:
             raise ValueError("pixel_values given without image_grid_thw")
+        args = (input_ids, pixel_values, image_grid_thw)
+        if not any(isinstance(a, jax.core.Tracer) or not getattr(a, "is_fully_addressable", True)
+                   for a in args):  # (multi-host global arrays cannot be read here)
+            check_inputs(self.cfg, input_ids, pixel_values, image_grid_thw)
+        input_ids = jnp.asarray(input_ids)
         img = None if pixel_values is None else self.encode_images(pixel_values, image_grid_thw)
         pos, _ = self.get_rope_index(input_ids, attention_mask,
                                      image_grid_thw if pixel_values is not None else None)
@@ -84,7 +90,8 @@ class QwenVL(nnx.Module):
 
 def check_inputs(cfg: ModelConfig, input_ids, pixel_values, image_grid_thw) -> None:
     """Host-side consistency checks of concrete inputs (clear errors instead of silent
-    garbage): image-token count vs. grid sizes vs. number of patches."""
+    garbage): image-token count vs. grid sizes vs. number of patches, and every image
+    within ``vision_max_patches`` (per-image layout)."""
     import numpy as np
     ids = np.asarray(input_ids)
     n_tok = int((ids == cfg.image_token_id).sum())
@@ -103,3 +110,12 @@ def check_inputs(cfg: ModelConfig, input_ids, pixel_values, image_grid_thw) -> N
     if n_tok != patches // m2:
         raise ValueError(f"input_ids hold {n_tok} image tokens but image_grid_thw describes "
                          f"{patches // m2} merged patches")
+    if cfg.vision_max_patches:
+        per_image = grid.prod(-1)
+        over = np.nonzero(per_image > cfg.vision_max_patches)[0]
+        if over.size:
+            i = int(over[0])
+            raise ValueError(f"image {i} has {int(per_image[i])} patches (grid "
+                             f"{grid[i].tolist()}) but ModelConfig.vision_max_patches is "
+                             f"{cfg.vision_max_patches}: raise it or resize the image "
+                             "(it would be cut silently)")

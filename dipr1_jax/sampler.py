@@ -48,13 +48,17 @@ _SEEN: set = set()
 class SampleOutput(NamedTuple):
     """``tokens [B, G, T]`` (``pad_token_id`` after a row's end), ``lengths [B, G]``
     (tokens up to and including the stop token), ``logprobs [B, G, T]`` float32
-    (0 after the end), and ``texts`` (``B`` lists of ``G`` strings, when a
-    tokenizer was given)."""
+    (0 after the end), ``texts`` (``B`` lists of ``G`` strings, when a
+    tokenizer was given), and ``nonfinite [B, G]``: rows whose logits turned
+    NaN/inf (a diverged policy or a corrupt image); such a row stops at that
+    step (its tokens so far are kept, the rest is padding) and should be
+    dropped from the update, not scored."""
 
     tokens: np.ndarray
     lengths: np.ndarray
     logprobs: np.ndarray
     texts: list | None = None
+    nonfinite: np.ndarray | None = None
 
 
 def compile_log() -> list[dict]:
@@ -171,10 +175,12 @@ def _decode(graphdef, state, cache, cache_mask, logits, next_pos, keys, *, max_n
         return (i < max_new_tokens) & ~jnp.all(done)
 
     def body(c):
-        i, cache, cache_mask, logits, tokens, done, lengths, logps = c
+        i, cache, cache_mask, logits, tokens, done, lengths, logps, bad = c
         u = jax.lax.dynamic_index_in_dim(uniforms, i, axis=1, keepdims=False)
         tok, lp = _sample_with_uniform(logits, None if temperature == 0 else u, temperature,
                                        top_k, top_p, suppress)
+        broken = ~done & ~jnp.all(jnp.isfinite(logits), axis=-1)
+        bad, done = bad | broken, done | broken
         tok = jnp.where(done, pad_id, tok).astype(jnp.int32)
         lp = jnp.where(done, 0.0, lp)
         tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, i))
@@ -186,15 +192,16 @@ def _decode(graphdef, state, cache, cache_mask, logits, next_pos, keys, *, max_n
         hidden, cache = model.decoder(model.embed(tok[:, None]), pos, cache_mask, cache)
         cache = _constrain_cache(cache)
         logits = model.decoder.logits(hidden[:, 0])
-        return i + 1, cache, cache_mask, logits, tokens, done, lengths, logps
+        return i + 1, cache, cache_mask, logits, tokens, done, lengths, logps, bad
 
     init = (jnp.int32(0), cache, cache_mask, logits,
             jnp.full((N, max_new_tokens), pad_id, jnp.int32), jnp.zeros((N,), bool),
-            jnp.zeros((N,), jnp.int32), jnp.zeros((N, max_new_tokens), jnp.float32))
+            jnp.zeros((N,), jnp.int32), jnp.zeros((N, max_new_tokens), jnp.float32),
+            jnp.zeros((N,), bool))
     out = jax.lax.while_loop(cond, body, init)
     # The final cache is returned (and dropped by the caller) so that the donated
     # input cache can be aliased through the loop instead of copied.
-    return out[4], out[6], out[7], out[0], out[1]
+    return out[4], out[6], out[7], out[0], out[1], out[8]
 
 
 def _pad_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, prompt_bucket,
@@ -225,8 +232,8 @@ def _pad_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, prompt_
 
 def generate(model, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, *,
              group_size: int, max_new_tokens: int, temperature: float, top_p: float = 1.0,
-             top_k: int = 0, eos_token_ids: Sequence[int] | int, rng, pad_token_id: int | None = None,
-             tokenizer: Any = None, suppress_token_ids: Sequence[int] | None = None,
+             top_k: int = 0, eos_token_ids: Sequence[int] | int, rng,
+             pad_token_id: int | None = None, tokenizer: Any = None, suppress_token_ids: Sequence[int] | None = None,
              prompt_bucket: int = PROMPT_BUCKET,
              patch_bucket: int = PATCH_BUCKET, cache_length: int | None = None) -> SampleOutput:
     """Samples ``group_size`` completions for each of ``B`` left-padded prompts.
@@ -301,15 +308,21 @@ def generate(model, input_ids, attention_mask, pixel_values=None, image_grid_thw
     keys = jax.random.split(rng, N)
     _note_compile("decode", (N, cache_len, max_new_tokens, float(temperature), int(top_k),
                              float(top_p), eos, suppress))
-    tokens, lengths, logps, steps, _ = _decode(
+    tokens, lengths, logps, steps, _, bad = _decode(
         graphdef, state, cache, cache_mask, logits, next_pos, keys,
         max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
         top_p=float(top_p), eos_ids=eos, pad_id=pad, suppress=suppress)
-    tokens, lengths, logps = (np.asarray(x) for x in (tokens, lengths, logps))
+    tokens, lengths, logps, bad = (np.asarray(x) for x in (tokens, lengths, logps, bad))
+    if bad.any():
+        rows = np.nonzero(bad)[0]
+        logging.warning("sampler: non-finite logits in %d of %d rows (prompts %s): those rows "
+                        "stopped early and are flagged in SampleOutput.nonfinite", rows.size,
+                        bad.size, sorted({int(r) // group_size for r in rows}))
     logging.info("sampler: %d x %d completions, %d decode steps in %.2fs", B, group_size,
                  int(steps), time.perf_counter() - t_start)
     G = group_size
-    out = SampleOutput(tokens.reshape(B, G, -1), lengths.reshape(B, G), logps.reshape(B, G, -1))
+    out = SampleOutput(tokens.reshape(B, G, -1), lengths.reshape(B, G), logps.reshape(B, G, -1),
+                       nonfinite=bad.reshape(B, G))
     if tokenizer is not None:
         texts = []
         for b in range(B):

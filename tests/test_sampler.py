@@ -200,6 +200,33 @@ def test_fixed_cache_length_same_tokens_one_decode_compile(model, batch):
         sampler.generate(model, ids, mask, pv, grid, cache_length=T + 5, **kw)
 
 
+def test_nonfinite_logits_stop_and_flag_only_the_broken_rows(ckpt, batch, caplog):
+    """A NaN image (per-image vision layout: it cannot leak into other prompts) breaks
+    its prompt's G rows: they stop at once, are flagged and logged; the other prompts
+    decode exactly as in a clean run. All-NaN weights flag every row."""
+    ids, mask, pv, grid = batch
+    model = load_hf(ckpt[1], vision_max_patches=32)
+    kw = dict(group_size=2, max_new_tokens=8, temperature=0.0, eos_token_ids=[EOS],
+              rng=jax.random.key(0), pad_token_id=PAD)
+    clean = sampler.generate(model, ids, mask, pv, grid, **kw)
+    assert not clean.nonfinite.any()
+    bad_pv = pv.copy()
+    bad_pv[:24] = np.nan  # the first image (grid 1x4x6) only
+    with caplog.at_level("WARNING"):
+        out = sampler.generate(model, ids, mask, bad_pv, grid, **kw)
+    np.testing.assert_array_equal(out.nonfinite, [[True, True], [False, False], [False, False]])
+    assert np.all(out.lengths[0] == 0) and np.all(out.tokens[0] == PAD)
+    assert np.all(out.logprobs[0] == 0)
+    np.testing.assert_array_equal(out.tokens[1:], clean.tokens[1:])
+    assert "non-finite logits in 2 of 6 rows (prompts [0])" in caplog.text
+    from flax import nnx
+    graphdef, state = nnx.split(model)
+    broken = nnx.merge(graphdef, jax.tree.map(lambda x: x, state))
+    broken.decoder.norm.scale[...] = jnp.full_like(broken.decoder.norm.scale[...], jnp.nan)
+    out = sampler.generate(broken, ids, mask, pv, grid, **kw)
+    assert out.nonfinite.all() and np.all(out.lengths == 0)
+
+
 def test_bad_inputs_are_clear_errors(model, batch):
     ids, mask, pv, grid = batch
     right = mt.build_batch([(1, 4, 6), (1, 4, 4)], [[3, 5], [1, 2]], padding="right", seed=1)

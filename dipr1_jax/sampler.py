@@ -233,9 +233,10 @@ def _pad_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, prompt_
 def generate(model, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, *,
              group_size: int, max_new_tokens: int, temperature: float, top_p: float = 1.0,
              top_k: int = 0, eos_token_ids: Sequence[int] | int, rng,
-             pad_token_id: int | None = None, tokenizer: Any = None, suppress_token_ids: Sequence[int] | None = None,
-             prompt_bucket: int = PROMPT_BUCKET,
-             patch_bucket: int = PATCH_BUCKET, cache_length: int | None = None) -> SampleOutput:
+             pad_token_id: int | None = None, tokenizer: Any = None,
+             suppress_token_ids: Sequence[int] | None = None,
+             prompt_bucket: int = PROMPT_BUCKET, patch_bucket: int = PATCH_BUCKET,
+             cache_length: int | None = None) -> SampleOutput:
     """Samples ``group_size`` completions for each of ``B`` left-padded prompts.
 
     Args:

@@ -168,7 +168,8 @@ def _decode(graphdef, state, cache, cache_mask, logits, next_pos, keys, *, max_n
     t0 = cache.index  # first generated slot (== padded prompt length)
     # Every row's uniforms for all steps at once, from its own key (the PRNG is not
     # re-run inside the loop).
-    uniforms = jax.vmap(lambda k: jax.random.uniform(k, (max_new_tokens,), jnp.float32))(keys)
+    uniforms = None if temperature == 0 else jax.vmap(
+        lambda k: jax.random.uniform(k, (max_new_tokens,), jnp.float32))(keys)
 
     def cond(c):
         i, done = c[0], c[5]
@@ -176,9 +177,9 @@ def _decode(graphdef, state, cache, cache_mask, logits, next_pos, keys, *, max_n
 
     def body(c):
         i, cache, cache_mask, logits, tokens, done, lengths, logps, bad = c
-        u = jax.lax.dynamic_index_in_dim(uniforms, i, axis=1, keepdims=False)
-        tok, lp = _sample_with_uniform(logits, None if temperature == 0 else u, temperature,
-                                       top_k, top_p, suppress)
+        u = None if uniforms is None else jax.lax.dynamic_index_in_dim(uniforms, i, axis=1,
+                                                                       keepdims=False)
+        tok, lp = _sample_with_uniform(logits, u, temperature, top_k, top_p, suppress)
         broken = ~done & ~jnp.all(jnp.isfinite(logits), axis=-1)
         bad, done = bad | broken, done | broken
         tok = jnp.where(done, pad_id, tok).astype(jnp.int32)

@@ -203,10 +203,9 @@ class TextDecoder(nnx.Module):
         else:
             # The stacked cache is threaded through the layers and updated in place
             # (no per-layer slice copies or re-stacking of the whole cache per call).
-            kv = None if cache is None else (cache.k, cache.v, 0)
+            kv = None if cache is None else (cache.k, cache.v)
             for i, layer in enumerate(self.layers):
-                x, kv = fn(layer, x, cos, sin, mask, None if kv is None else (kv[0], kv[1], i),
-                           index)
+                x, kv = fn(layer, x, cos, sin, mask, None if kv is None else (*kv[:2], i), index)
             if cache is not None:
                 cache = KVCache(kv[0], kv[1], cache.index + T)
         x = self.norm(x)

@@ -62,8 +62,17 @@ def match(preds, gts, tau):
     return out
 
 
-def accuracy(preds, n_pred_total, gts, tau, soft, w_p):
+def ignored(preds, gts, regions, tau):
+    """Indices of the stored predictions absorbed by ignore regions: left
+    unmatched by the regular GT and IoA(pred, region) >= tau for some region."""
+    matched = {i for i, _, _ in match(preds, gts, tau)}
+    return [i for i, p in enumerate(preds)
+            if i not in matched and any(ioa(p, r) >= tau for r in regions)]
+
+
+def accuracy(preds, n_pred_total, gts, tau, soft, w_p, regions=()):
     n_gt = len(gts)
+    n_pred_total -= len(ignored(preds, gts, regions, tau))
     if n_pred_total == 0 and n_gt == 0:
         return 1.0
     if n_pred_total == 0 or n_gt == 0:
@@ -116,18 +125,20 @@ def look_group(group, gts, tau, tau_look, lam):
     return out
 
 
-def rewards_group(group, gts, cfg, is_count=False):
+def rewards_group(group, gts, cfg, is_count=False, regions=()):
     """All rewards of one group. Each completion is a dict with keys
     format (bool), answer (list of stored boxes), answer_total, look,
-    look_total, count (int or -1)."""
+    look_total, count (int or -1). ``regions`` are the image's ignore regions:
+    an answer they absorb leaves #pred and c_hat (not the look reward)."""
     looks = look_group(group, gts, cfg.iou_threshold, cfg.look_ioa_threshold,
                        cfg.look_iou_var_weight)
     out = []
     for c, look in zip(group, looks):
         fmt = 1.0 if c["format"] else 0.0
         acc = accuracy(c["answer"], c["answer_total"], gts, cfg.iou_threshold, cfg.soft_tp,
-                       cfg.precision_weight)
-        c_hat = c["count"] if (is_count and c["count"] >= 0) else c["answer_total"]
+                       cfg.precision_weight, regions)
+        n_kept = c["answer_total"] - len(ignored(c["answer"], gts, regions, cfg.iou_threshold))
+        c_hat = c["count"] if (is_count and c["count"] >= 0) else n_kept
         cnt = count(c_hat, len(gts))
         if is_count:
             total = cfg.w_format * fmt + cfg.w_look * look + cfg.w_count_prompt * cnt

@@ -200,3 +200,168 @@ def test_wrong_group_size_is_a_clear_error():
                                                    "look_all": [], "count": -1}] * 3, 2, 2, 2)
     with pytest.raises(ValueError, match="B \\* G"):
         dip_rewards(parsed, gt_boxes, gt_mask, 2)
+
+
+# ---------------------------------------------------------------------------
+# Ignore regions (DESIGN.md section 3): unmatched answers they absorb leave #pred.
+# ---------------------------------------------------------------------------
+
+_region = st.tuples(st.integers(0, 10), st.integers(0, 10), st.integers(2, 12), st.integers(2, 12)
+                    ).map(lambda t: tuple(float(v) for v in (t[0], t[1], t[0] + t[2], t[1] + t[3])))
+REGION = st.one_of(_region, _region, BOX)
+# Padding rows of ignore_boxes hold a box covering everything: only the mask keeps it out.
+_PAD_REGION = (-1e4, -1e4, 1e4, 1e4)
+
+
+@st.composite
+def _near(draw, region):
+    """A box wholly inside ``region``, or shifted partly out of it (IoA on quarter steps)."""
+    x1, y1, x2, y2 = region
+    w, h = x2 - x1, y2 - y1
+    ax = sorted(draw(st.lists(st.integers(0, 4), min_size=2, max_size=2, unique=True)))
+    ay = sorted(draw(st.lists(st.integers(0, 4), min_size=2, max_size=2, unique=True)))
+    sx, sy = draw(st.sampled_from([(0, 0), (0, 0), (1, 0), (-2, 0), (0, 2), (3, 1), (4, 0)]))
+    return (x1 + (ax[0] + sx) * w / 4, y1 + (ay[0] + sy) * h / 4,
+            x1 + (ax[1] + sx) * w / 4, y1 + (ay[1] + sy) * h / 4)
+
+
+@st.composite
+def ignore_case(draw, B=2, G=3, K=5, P=6, L=3, Ki=3):
+    regions = [draw(st.lists(REGION, max_size=Ki)) for _ in range(B)]
+    gts, comps = [], []
+    for b in range(B):
+        # GT anywhere, including inside regions (an answer matching it must stay TP).
+        pool_gt = st.one_of(BOX, *[_near(r) for r in regions[b]])
+        gts.append(draw(st.lists(pool_gt, max_size=K)))
+        pool = [BOX] + [_near(r) for r in regions[b]] * 2
+        if gts[b]:
+            pool.append(st.sampled_from(gts[b]))
+        pool = st.one_of(*pool)
+        for _ in range(G):
+            comps.append({"format": draw(st.booleans()),
+                          "answer_all": draw(st.lists(pool, max_size=P + 2)),
+                          "look_all": draw(st.lists(pool, max_size=L)),
+                          "count": draw(st.integers(-1, 9))})
+    is_count = draw(st.lists(st.booleans(), min_size=B, max_size=B))
+    return gts, comps, is_count, regions
+
+
+def _regions_to_arrays(regions, Ki):
+    boxes = np.tile(np.array(_PAD_REGION), (len(regions), Ki, 1))
+    mask = np.zeros((len(regions), Ki), bool)
+    for b, r in enumerate(regions):
+        if r:
+            boxes[b, :len(r)] = r
+            mask[b, :len(r)] = True
+    return boxes, mask
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+@SETTINGS
+@given(case=ignore_case())
+def test_dip_rewards_with_ignore_regions_match_reference(cfg, case):
+    gts, comps, is_count, regions = case
+    B, G, K, P, L, Ki = 2, 3, 5, 6, 3, 3
+    with jax.enable_x64(True):
+        parsed, gt_boxes, gt_mask = _to_arrays(gts, comps, K, P, L)
+        ig_boxes, ig_mask = _regions_to_arrays(regions, Ki)
+        got = dip_rewards(parsed, gt_boxes, gt_mask, G, cfg, is_count=np.array(is_count),
+                          ignore_boxes=ig_boxes, ignore_mask=ig_mask)
+        got = {k: np.asarray(v) for k, v in got.items()}
+    for b in range(B):
+        group = [{"format": c["format"], "answer": c["answer_all"][:P],
+                  "answer_total": len(c["answer_all"]), "look": c["look_all"][:L],
+                  "look_total": len(c["look_all"]), "count": c["count"]}
+                 for c in comps[b * G:(b + 1) * G]]
+        want = ref.rewards_group(group, gts[b], cfg, is_count[b], regions=regions[b])
+        for i in range(G):
+            for key in ("format", "look", "accuracy", "count", "total"):
+                assert got[key][b, i] == pytest.approx(want[i][key], abs=1e-6), (key, b, i)
+
+
+def _one_image_parsed(rows, P):
+    """ParsedCompletions of completions given as (stored answers, answer_total)."""
+    a_boxes, a_mask = _pad([r[0] for r in rows], P)
+    n = len(rows)
+    total = np.array([r[1] for r in rows], np.int32)
+    return ParsedCompletions(
+        format_ok=np.ones(n, bool), answer_boxes=a_boxes, answer_mask=a_mask,
+        answer_total=total, look_boxes=np.zeros((n, 1, 4)), look_mask=np.zeros((n, 1), bool),
+        look_total=np.zeros(n, np.int32), count=-np.ones(n, np.int32),
+        answer_overflow=total - a_mask.sum(-1), look_overflow=np.zeros(n, np.int32))
+
+
+def test_ignore_regions_hand_computed():
+    g0, g1 = (0, 0, 10, 10), (20, 0, 30, 10)
+    region = (20, 0, 40, 20)  # g1 lies inside it
+    rows = [
+        # g0 and g1 matched (g1's answer has IoA 1 with the region: stays TP);
+        # (30,0,40,10) inside the region, unmatched -> ignored;
+        # (36,0,46,10) IoA 0.4 -> FP.  #pred = 4 - 1 = 3, TP = 2.
+        ([g0, g1, (30, 0, 40, 10), (36, 0, 46, 10)], 4),
+        # (25,0,35,10): IoU 1/3 with g1 (unmatched) and IoA 1 -> ignored; (35,0,45,10):
+        # IoA exactly 0.5 -> ignored; a third answer was not stored (overflow): it stays.
+        ([(25, 0, 35, 10), (35, 0, 45, 10)], 3),
+    ]
+    cfg = RewardConfig(w_count=1.0)
+    parsed = _one_image_parsed(rows, 4)
+    gt = np.array([[g0, g1]], np.float32)
+    gt_mask = np.ones((1, 2), bool)
+    # Second region row is padding covering everything: the mask must keep it out.
+    ig = np.array([[region, (-1e4, -1e4, 1e4, 1e4)]], np.float32)
+    ig_mask = np.array([[True, False]])
+    r = {k: np.asarray(v) for k, v in
+         dip_rewards(parsed, gt, gt_mask, 2, cfg, ignore_boxes=ig, ignore_mask=ig_mask).items()}
+    plain = {k: np.asarray(v) for k, v in dip_rewards(parsed, gt, gt_mask, 2, cfg).items()}
+    # Rollout 0: P = 2/3, R = 1; c_hat = 3 vs c = 2. Without regions: P = 2/4.
+    np.testing.assert_allclose(r["accuracy"][0], [0.5 * 2 / 3 + 0.5, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(plain["accuracy"][0], [0.5 * 2 / 4 + 0.5, 0.0], rtol=1e-6)
+    # Rollout 1: #pred = 3 - 2 = 1 (the unstored box), c_hat = 1 -> 1 - 1/2.
+    np.testing.assert_allclose(r["count"][0], [0.5, 0.5], rtol=1e-6)
+    np.testing.assert_allclose(plain["count"][0], [0.0, 0.5], rtol=1e-6)
+    np.testing.assert_array_equal(r["look"], plain["look"])
+    # All regions masked out: identical to no regions.
+    r0 = dip_rewards(parsed, gt, gt_mask, 2, cfg, ignore_boxes=ig,
+                     ignore_mask=np.zeros((1, 2), bool))
+    for k in plain:
+        np.testing.assert_array_equal(np.asarray(r0[k]), plain[k])
+
+
+def test_ignore_regions_bad_shape_is_a_clear_error():
+    parsed = _one_image_parsed([([(0, 0, 1, 1)], 1)], 2)
+    gt, gt_mask = np.zeros((1, 1, 4)), np.ones((1, 1), bool)
+    with pytest.raises(ValueError, match="ignore_boxes must have shape"):
+        dip_rewards(parsed, gt, gt_mask, 1, ignore_boxes=np.zeros((2, 1, 4)))
+    with pytest.raises(ValueError, match="ignore_mask must have shape"):
+        dip_rewards(parsed, gt, gt_mask, 1, ignore_boxes=np.zeros((1, 1, 4)),
+                    ignore_mask=np.ones((1, 2), bool))
+
+
+@SETTINGS
+@given(case=ignore_case(G=3, P=8))
+def test_reward_precision_and_recall_equal_metrics_with_ignore_regions(case):
+    """Same predictions, same ignore regions, single images: R_acc with w_p = 1 (0) and
+    hard TP is the evaluation's precision (recall) at IoU 0.5."""
+    from dipr1_jax import metrics
+
+    gts, comps, _, regions = case
+    B, G, P = 2, 3, 8
+    answers = [c["answer_all"][:P] for c in comps]  # all stored: no overflow
+    rows = [(a, len(a)) for a in answers]
+    with jax.enable_x64(True):
+        parsed = _one_image_parsed(rows, P)
+        gt_boxes, gt_mask = _pad(gts, 5)
+        ig_boxes, ig_mask = _regions_to_arrays(regions, 3)
+        got = {}
+        for w_p in (1.0, 0.0):
+            cfg = RewardConfig(soft_tp=False, precision_weight=w_p, iou_threshold=0.5)
+            r = dip_rewards(parsed, gt_boxes, gt_mask, G, cfg, ignore_boxes=ig_boxes,
+                            ignore_mask=ig_mask)
+            got[w_p] = np.asarray(r["accuracy"])
+    for b in range(B):
+        for i in range(G):
+            img = metrics.EvalImage.create(0, answers[b * G + i], gts[b],
+                                           ignore_boxes=regions[b])
+            prf = metrics.precision_recall_f1([img], thresholds=[0.5])
+            assert got[1.0][b, i] == pytest.approx(prf["precision"][0], abs=1e-9), (b, i, prf)
+            assert got[0.0][b, i] == pytest.approx(prf["recall"][0], abs=1e-9), (b, i, prf)

@@ -74,13 +74,33 @@ def look_reward(gt_boxes, gt_mask, gt_matched, gt_matched_iou, look_boxes, look_
     return jnp.where(u_sum > 0, f1, 0.0)
 
 
+def ignored_answers(answer_boxes, unmatched, ignore_boxes, ignore_mask, threshold):
+    """Number of answers absorbed by ignore regions.
+
+    Args:
+      answer_boxes ``[B, G, P, 4]``; unmatched ``[B, G, P]`` bool (stored, valid
+      answers that matched no regular GT); ignore_boxes ``[B, Ki, 4]``;
+      ignore_mask ``[B, Ki]`` bool or None (all valid); threshold: minimum
+      ``IoA = area(p ∩ r) / area(p)``.
+    Returns: ``[B, G]`` int32.
+    """
+    ignore_boxes = _float(ignore_boxes)
+    if ignore_mask is None:
+        ignore_mask = jnp.ones(ignore_boxes.shape[:2], bool)
+    ignore_mask = jnp.asarray(ignore_mask, bool)
+    ioa = box_ioa(answer_boxes, ignore_boxes[:, None])  # [B, G, P, Ki]
+    inside = jnp.any((ioa >= threshold) & ignore_mask[:, None, None, :], axis=-1)
+    return jnp.sum(unmatched & inside, axis=-1).astype(jnp.int32)
+
+
 def _group(x, b, g):
     return x.reshape((b, g) + x.shape[1:])
 
 
 @functools.partial(jax.jit, static_argnames=("group_size", "cfg"))
 def dip_rewards(parsed: ParsedCompletions, gt_boxes, gt_mask, group_size: int,
-                cfg: RewardConfig = RewardConfig(), is_count=None) -> dict:
+                cfg: RewardConfig = RewardConfig(), is_count=None, ignore_boxes=None,
+                ignore_mask=None) -> dict:
     """All rewards of ``B * G`` parsed completions against their prompts' GT.
 
     Args:
@@ -91,6 +111,25 @@ def dip_rewards(parsed: ParsedCompletions, gt_boxes, gt_mask, group_size: int,
       group_size: ``G``.
       cfg: weights and thresholds.
       is_count: optional ``[B]`` bool, True for counting prompts.
+      ignore_boxes: optional ``[B, Ki, 4]`` ignore regions (crowd blobs), same
+        frame as ``gt_boxes`` (the pipeline's ``ignore_boxes``); never GT.
+      ignore_mask: optional ``[B, Ki]`` bool, valid entries of ``ignore_boxes``
+        (all valid when omitted).
+
+    Ignore regions (DESIGN.md section 3, the same rule as
+    :func:`dipr1_jax.metrics.match_image`): after matching against the regular
+    GT, a stored answer box left unmatched whose IoA with some valid region,
+    ``area(p ∩ r) / area(p)``, is ``>= cfg.iou_threshold`` is *ignored*: it is
+    neither TP nor FP and leaves ``#pred`` of R_acc. As in the evaluation, the
+    IoA threshold is the IoU threshold in use (there is no separate field).
+    A region absorbs any number of answers; a matched answer stays TP however
+    much it overlaps a region. Ignored answers also leave ``c_hat`` of R_count
+    (``c_hat = answer_total - #ignored``): ``c = #gt`` does not count the
+    people inside regions either, so an answer there must not count as an
+    over-count. The integer answer of a counting prompt is taken as given.
+    Answer boxes beyond ``max_boxes`` (``answer_overflow``) are counted in
+    ``answer_total`` but not stored, so they cannot be tested against the
+    regions: they always stay in ``#pred`` and ``c_hat``. R_look is unchanged.
 
     Returns:
       dict of ``[B, G]`` float arrays (float32 unless x64 inputs): ``format``, ``look``, ``accuracy``,
@@ -103,6 +142,16 @@ def dip_rewards(parsed: ParsedCompletions, gt_boxes, gt_mask, group_size: int,
     if parsed.format_ok.shape[0] != b * g:
         raise ValueError(f"dip_rewards: {parsed.format_ok.shape[0]} completions, expected "
                          f"B * G = {b} * {g} = {b * g}")
+    if ignore_boxes is None and ignore_mask is not None:
+        raise ValueError("dip_rewards: ignore_mask given without ignore_boxes")
+    if ignore_boxes is not None:
+        ki_shape = jnp.shape(ignore_boxes)
+        if len(ki_shape) != 3 or ki_shape[0] != b or ki_shape[2] != 4:
+            raise ValueError(f"dip_rewards: ignore_boxes must have shape [B, Ki, 4] with B = {b}, "
+                             f"got {tuple(ki_shape)}")
+        if ignore_mask is not None and jnp.shape(ignore_mask) != ki_shape[:2]:
+            raise ValueError(f"dip_rewards: ignore_mask must have shape {tuple(ki_shape[:2])}, "
+                             f"got {tuple(jnp.shape(ignore_mask))}")
     p = jax.tree.map(lambda x: _group(jnp.asarray(x), b, g), parsed)
 
     iou = box_iou(p.answer_boxes, gt_boxes[:, None])  # [B, G, P, K]
@@ -112,8 +161,13 @@ def dip_rewards(parsed: ParsedCompletions, gt_boxes, gt_mask, group_size: int,
     dtype = gt_matched_iou.dtype
     tp = jnp.sum(gt_matched_iou, -1) if cfg.soft_tp else jnp.sum(gt_matched, -1).astype(dtype)
     n_gt = jnp.broadcast_to(jnp.sum(gt_mask, -1)[:, None], (b, g))
+    n_pred = p.answer_total
+    if ignore_boxes is not None:
+        unmatched = jnp.asarray(p.answer_mask, bool) & ~jnp.any(matched, axis=-1)  # [B, G, P]
+        n_pred = n_pred - ignored_answers(p.answer_boxes, unmatched, ignore_boxes, ignore_mask,
+                                          cfg.iou_threshold).astype(n_pred.dtype)
 
-    accuracy = accuracy_reward(tp, p.answer_total, n_gt, cfg.precision_weight)
+    accuracy = accuracy_reward(tp, n_pred, n_gt, cfg.precision_weight)
     look = look_reward(gt_boxes, gt_mask, gt_matched, gt_matched_iou, p.look_boxes,
                        p.look_mask, p.look_total, cfg.look_ioa_threshold,
                        cfg.look_iou_var_weight)
@@ -123,7 +177,7 @@ def dip_rewards(parsed: ParsedCompletions, gt_boxes, gt_mask, group_size: int,
         counting = jnp.zeros((b, 1), bool)
     else:
         counting = jnp.asarray(is_count, bool).reshape(b, 1)
-    c_hat = jnp.where(counting & (p.count >= 0), p.count, p.answer_total)
+    c_hat = jnp.where(counting & (p.count >= 0), p.count, n_pred)
     count = count_reward(c_hat, n_gt, dtype)
 
     total_det = (cfg.w_format * fmt + cfg.w_look * look + cfg.w_acc * accuracy

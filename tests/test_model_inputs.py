@@ -51,3 +51,86 @@ def test_eager_model_call_checks_its_inputs(good):
     model = create_model(preset("tiny", vision_max_patches=64), seed=0)
     with pytest.raises(ValueError, match="vision_max_patches is 64"):
         model(ids, mask, pv, grid)
+
+
+# ---------------------------------------------------------------- image features under jit
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from dipr1_jax.model import create_model
+    return create_model(preset("tiny"), seed=0)
+
+
+def test_too_few_image_embedding_rows_raise_under_jit(good, tiny_model):
+    """The image-pad tokens of the batch (24 + 6 = 30) outnumber the embedding rows
+    given: a jitted embed raises naming both counts instead of reusing rows."""
+    import jax
+    import jax.numpy as jnp
+    ids, _, _, _ = good
+    n_tok = int((ids == mt.IMG).sum())
+    assert n_tok == 30
+    hidden = tiny_model.cfg.text.hidden_size
+    embed = jax.jit(lambda i, img: tiny_model.embed(i, img))
+    with pytest.raises(Exception, match=f"hold {n_tok} image tokens but only {n_tok - 4} "
+                                        "image-embedding rows"):
+        jax.block_until_ready(embed(jnp.asarray(ids), jnp.ones((n_tok - 4, hidden))))
+    # More rows than tokens is legitimate (patch counts padded to buckets): the extra
+    # rows are unused, the token rows take the leading embedding rows in order.
+    img = jax.random.normal(jax.random.key(0), (n_tok + 8, hidden))
+    out = np.asarray(embed(jnp.asarray(ids), img))
+    np.testing.assert_array_equal(out[ids == mt.IMG], np.asarray(img[:n_tok], out.dtype))
+    exact = np.asarray(embed(jnp.asarray(ids), img[:n_tok]))
+    np.testing.assert_array_equal(out, exact)
+
+
+def test_decode_path_embed_has_no_check(tiny_model):
+    """embed without images (the sampler's decode loop) traces no callback or cond."""
+    import jax
+    import jax.numpy as jnp
+    jaxpr = str(jax.make_jaxpr(lambda i: tiny_model.embed(i))(jnp.zeros((4, 1), jnp.int32)))
+    assert "callback" not in jaxpr and "cond" not in jaxpr
+    with_img = str(jax.make_jaxpr(lambda i, e: tiny_model.embed(i, e))(
+        jnp.zeros((4, 3), jnp.int32), jnp.zeros((2, tiny_model.cfg.text.hidden_size))))
+    assert "callback" in with_img  # (the check above is not vacuous)
+
+
+def test_image_embeds_argument_equals_pixel_path(good, tiny_model):
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from dipr1_jax.model import model_token_logprobs
+    ids, mask, pv, grid = (jnp.asarray(x) for x in good)
+    graphdef, state = nnx.split(tiny_model)
+
+    @mt._jit
+    def both(state, ids, mask, pv, grid):
+        model = nnx.merge(graphdef, state)
+        img = model.encode_images(pv, grid)
+        # Extra all-zero rows, as when the patch count is padded to a bucket.
+        img_padded = jnp.concatenate([img, jnp.zeros((8, img.shape[1]), img.dtype)])
+        return (model.hidden_states(ids, mask, pv, grid),
+                model.hidden_states(ids, mask, image_grid_thw=grid, image_embeds=img_padded),
+                model_token_logprobs(model, ids, mask, pv, grid, chunk_size=16),
+                model_token_logprobs(model, ids, mask, image_grid_thw=grid, image_embeds=img,
+                                     chunk_size=16),
+                model.hidden_states(ids, mask, image_grid_thw=grid, image_embeds=img * 0.5))
+
+    out = both(state, ids, mask, pv, grid)
+    h_pix, h_emb, lp_pix, lp_emb, h_other = (np.asarray(x) for x in out)
+    np.testing.assert_array_equal(h_emb, h_pix)
+    np.testing.assert_array_equal(lp_emb, lp_pix)
+    assert np.isfinite(h_pix).all()
+    # Other features give other states: the given features are really used.
+    assert np.abs(h_other - h_pix).max() > 1e-3
+
+
+def test_image_embeds_argument_errors(good, tiny_model):
+    import jax.numpy as jnp
+    ids, mask, pv, grid = good
+    img = jnp.zeros((30, tiny_model.cfg.text.hidden_size))
+    with pytest.raises(ValueError, match="not both"):
+        tiny_model.hidden_states(ids, mask, pv, grid, image_embeds=img)
+    with pytest.raises(ValueError, match="image_embeds given without image_grid_thw"):
+        tiny_model.hidden_states(ids, mask, image_embeds=img)
+    with pytest.raises(ValueError, match="image_embeds has only 29 rows"):
+        tiny_model.hidden_states(ids, mask, image_grid_thw=grid, image_embeds=img[:29])

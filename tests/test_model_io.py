@@ -109,9 +109,22 @@ def test_expect_preset_is_checked(ckpt):
 
 def test_bf16_params_load(ckpt):
     _, path = ckpt
-    model = load_hf(path, dtype="bfloat16")
+    model = load_hf(path, param_dtype="bfloat16")
     dtypes = {x.dtype for x in jax.tree.leaves(nnx.state(model, nnx.Param))}
     assert dtypes == {jnp.dtype(jnp.bfloat16)}
+    assert model.cfg.param_dtype == "bfloat16" and model.cfg.dtype == "bfloat16"  # follows
+
+
+def test_load_hf_dtype_names_match_model_config(ckpt):
+    """``dtype`` is the compute dtype and ``param_dtype`` the parameters', as in ModelConfig."""
+    _, path = ckpt
+    model = load_hf(path, dtype="bfloat16")
+    assert (model.cfg.dtype, model.cfg.param_dtype) == ("bfloat16", "float32")
+    assert {x.dtype for x in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype("float32")}
+    with pytest.raises(TypeError, match="dtype_compute= was renamed"):
+        load_hf(path, dtype_compute="bfloat16")
+    with pytest.raises(TypeError):
+        load_hf(path, "bfloat16")  # keyword-only: an old positional dtype cannot be misread
 
 
 @pytest.fixture()

@@ -123,7 +123,7 @@ def test_make_mesh_validates_sizes():
 
 def test_bf16_compute_with_float32_params(ckpt, batch):
     hf, path = ckpt
-    model = load_hf(path, dtype="float32", dtype_compute="bfloat16")
+    model = load_hf(path, param_dtype="float32", dtype="bfloat16")
     assert {x.dtype for x in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype("float32")}
     ids, mask, pix, grid = batch
     out = U.jax_outputs(model, ids, mask, pix, grid)[0]

@@ -237,11 +237,6 @@ def record_from_rows(rows: list[dict], **kwargs) -> Record:
     )
 
 
-def box_area(boxes: np.ndarray) -> np.ndarray:
-    b = np.asarray(boxes, np.float64).reshape(-1, 4)
-    return np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
-
-
 def decode_image(record: Record | dict) -> np.ndarray:
     """The record's pixels as uint8 ``[H, W, 3]`` RGB; checks them against its size."""
     from PIL import Image

@@ -3,7 +3,7 @@
 Public API::
 
     from dipr1_jax.model import load_hf, save_hf, QwenVL, preset
-    model = load_hf(path, dtype="float32", mesh=None)
+    model = load_hf(path, param_dtype="float32", dtype="bfloat16", mesh=None)  # params / compute
     logits = model(input_ids, attention_mask, pixel_values, image_grid_thw)   # [B, T, V]
 """
 

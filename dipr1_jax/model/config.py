@@ -188,6 +188,17 @@ def _tiny():
         pad_token_id=tokens.TINY_PAD_TOKEN_ID)
 
 
+def _small():
+    """~1.3M parameters: the built-in default job (CPU, minutes). Same ids as ``tiny``."""
+    return _tiny().replace(
+        vision=VisionConfig(depth=2, hidden_size=64, intermediate_size=128, num_heads=2,
+                            out_hidden_size=128, window_size=56, fullatt_block_indexes=(1,)),
+        text=TextConfig(vocab_size=tokens.TINY_VOCAB_SIZE, hidden_size=128, intermediate_size=384,
+                        num_layers=4, num_heads=4, num_kv_heads=2, rms_norm_eps=1e-6,
+                        rope_theta=10000.0, mrope_section=(4, 6, 6), max_position_embeddings=4096,
+                        tie_word_embeddings=True))
+
+
 def _bench_100m():
     """~100M parameters (CPU benchmark): 8-layer 640-wide decoder, 4-block vision tower."""
     return ModelConfig(
@@ -206,6 +217,7 @@ def _bench_100m():
 
 PRESETS = {
     "tiny": _tiny,
+    "small": _small,
     "bench-100m": _bench_100m,
     "qwen2-vl-2b": lambda: _v2(1536, 8960, 28, 12, 2, 151936, True),
     "qwen2-vl-7b": lambda: _v2(3584, 18944, 28, 28, 4, 152064, False),

@@ -6,7 +6,7 @@ takes embeddings (image features already scattered in), explicit M-RoPE
 hidden states plus the updated cache. The causal structure is by sequence
 index (as in transformers), not by position id.
 
-KV cache (``KVCache``): keys/values ``[layers, B, S_max, kv_heads, head_dim]``
+KV cache (``KVCache``): keys/values ``[layers, B, kv_heads, S_max, head_dim]``
 and the write index ``index`` (shared by all rows; prompts are left-padded). A
 call with a cache writes its ``T`` new keys at ``index .. index+T-1`` and
 attends to every cached key ``<= `` its own index; ``attention_mask`` is then the

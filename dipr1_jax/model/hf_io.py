@@ -1,6 +1,7 @@
 """Hugging Face checkpoint I/O: ``load_hf`` and ``save_hf``.
 
-``load_hf(path, dtype=..., mesh=None)`` reads ``config.json`` and single-file or
+``load_hf(path, param_dtype=..., dtype=..., mesh=None)`` (parameter and compute
+dtypes, named as in ``ModelConfig``) reads ``config.json`` and single-file or
 sharded (``model.safetensors.index.json``) safetensors, maps each tensor name
 and layout onto the NNX parameter tree and creates every parameter directly
 in its shards with ``jax.make_array_from_callback``: each device's block is
@@ -265,22 +266,25 @@ def _block_reader(reader: _Reader, e: Entry, dtype) -> Callable:
     return cb
 
 
-def load_hf(path: str, dtype: str | None = None, mesh=None, expect_preset: str | None = None,
-            **runtime) -> QwenVL:
+def load_hf(path: str, *, dtype: str | None = None, param_dtype: str | None = None, mesh=None,
+            expect_preset: str | None = None, **runtime) -> QwenVL:
     """Loads a HF Qwen2-VL / Qwen2.5-VL checkpoint directory into a (sharded) ``QwenVL``.
 
-    ``dtype``: parameter dtype (``'float32'`` / ``'bfloat16'``; default float32);
-    compute dtype follows it unless ``runtime`` sets ``dtype_compute``. Other
-    ``runtime`` keys (``remat``, ``scan_layers``, ``vision_max_patches``) go to the
-    ModelConfig. With a ``mesh`` every parameter is created with its NamedSharding.
-    ``expect_preset`` (e.g. ``'qwen2.5-vl-7b'``): fail, naming each differing field,
-    unless config.json has that preset's architecture.
+    ``param_dtype``: dtype of the parameters (``'float32'`` / ``'bfloat16'``; default
+    float32). ``dtype``: compute dtype of matmuls and activations, as
+    ``ModelConfig.dtype`` (default: ``param_dtype``). Other ``runtime`` keys
+    (``remat``, ``scan_layers``, ``vision_max_patches``) go to the ModelConfig. With
+    a ``mesh`` every parameter is created with its NamedSharding. ``expect_preset``
+    (e.g. ``'qwen2.5-vl-7b'``): fail, naming each differing field, unless
+    config.json has that preset's architecture.
     """
+    if "dtype_compute" in runtime:
+        raise TypeError("load_hf: dtype_compute= was renamed; use dtype= for the compute dtype "
+                        "and param_dtype= for the parameters (as in ModelConfig)")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: not a directory")
-    param_dtype = dtype or "float32"
-    compute = runtime.pop("dtype_compute", param_dtype)
-    cfg = read_hf_config(path, dtype=compute, param_dtype=param_dtype, **runtime)
+    param_dtype = param_dtype or "float32"
+    cfg = read_hf_config(path, dtype=dtype or param_dtype, param_dtype=param_dtype, **runtime)
     if expect_preset is not None:
         check_preset(cfg, expect_preset)
     reader = _Reader(path)

@@ -43,10 +43,14 @@ def token_logprobs(hidden, lm_kernel, targets, *, chunk_size: int = 256,
 
 
 def model_token_logprobs(model, input_ids, attention_mask=None, pixel_values=None,
-                         image_grid_thw=None, *, chunk_size: int = 256,
+                         image_grid_thw=None, *, image_embeds=None, chunk_size: int = 256,
                          temperature: float = 1.0):
-    """float32 ``[B, T-1]``: log p(input_ids[:, t+1] | input_ids[:, :t+1])."""
-    hidden = model.hidden_states(input_ids, attention_mask, pixel_values, image_grid_thw)
+    """float32 ``[B, T-1]``: log p(input_ids[:, t+1] | input_ids[:, :t+1]).
+
+    Images as ``pixel_values`` or as precomputed ``image_embeds`` (rows of
+    ``model.encode_images``), not both; see ``QwenVL.hidden_states``."""
+    hidden = model.hidden_states(input_ids, attention_mask, pixel_values, image_grid_thw,
+                                 image_embeds=image_embeds)
     kernel = model.decoder.lm_head_kernel()
     return token_logprobs(hidden[:, :-1], kernel, jnp.asarray(input_ids)[:, 1:],
                           chunk_size=chunk_size, temperature=temperature,

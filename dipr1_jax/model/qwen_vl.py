@@ -12,9 +12,11 @@ Pieces for the sampler / trainer::
 
     img = model.encode_images(pixel_values, image_grid_thw)      # once per prompt
     pos, deltas = model.get_rope_index(input_ids, attention_mask, image_grid_thw)
-    emb = model.embed(input_ids, img)                              # image-token scatter
+    emb = model.embed(input_ids, img)       # image-token scatter (too few rows: error)
     hidden, cache = model.decoder(emb, pos, mask, cache)           # optional KV cache
     logits = model.decoder.logits(hidden)
+    # or, with precomputed image features (e.g. shared by a prompt's G completions):
+    hidden = model.hidden_states(input_ids, mask, image_grid_thw=grid, image_embeds=img)
 """
 
 from __future__ import annotations
@@ -29,13 +31,37 @@ from dipr1_jax.model.rope import get_rope_index
 from dipr1_jax.model.vision import VisionTower
 
 
+def _raise_if_too_few_rows(n_tokens, n_rows: int):
+    import numpy as np
+    n_tokens = int(np.max(np.asarray(n_tokens)))  # (a batch of counts under vmap)
+    if n_tokens > n_rows:
+        raise ValueError(
+            f"image-token / image-embedding mismatch: input_ids hold {n_tokens} image tokens "
+            f"but only {n_rows} image-embedding rows were given (pixel_values, image_grid_thw "
+            "and the image-pad tokens of the batch disagree)")
+
+
 def scatter_image_embeds(inputs_embeds, input_ids, image_embeds, image_token_id: int):
     """Replaces the embeddings of image-pad tokens, in row-major order, by the rows of
-    ``image_embeds`` (the ``masked_scatter`` of transformers, with static shapes)."""
+    ``image_embeds`` (the ``masked_scatter`` of transformers, with static shapes).
+
+    ``image_embeds`` may have MORE rows than there are image tokens (patch counts are
+    padded to buckets with all-zero images; the extra rows are unused). FEWER rows is
+    an error, raised under ``jax.jit`` too: a host callback, traced into a ``lax.cond``
+    so it only runs when the count is wrong, raises a ``ValueError`` naming both counts
+    (under jit it surfaces as a ``JaxRuntimeError`` carrying that message when the
+    result is read). Image tokens without a row would get NaN features, never another
+    image's.
+    """
     is_img = input_ids == image_token_id
-    idx = jnp.cumsum(is_img.reshape(-1)).reshape(is_img.shape) - 1
-    idx = jnp.clip(idx, 0, image_embeds.shape[0] - 1)
-    picked = jnp.take(image_embeds.astype(inputs_embeds.dtype), idx, axis=0)
+    n_rows = image_embeds.shape[0]
+    n_tok = jnp.sum(is_img, dtype=jnp.int32)
+    jax.lax.cond(n_tok > n_rows,
+                 lambda n: jax.debug.callback(_raise_if_too_few_rows, n, n_rows),
+                 lambda n: None, n_tok)
+    idx = jnp.maximum(jnp.cumsum(is_img.reshape(-1)).reshape(is_img.shape) - 1, 0)
+    picked = jnp.take(image_embeds.astype(inputs_embeds.dtype), idx, axis=0, mode="fill",
+                      fill_value=jnp.nan)
     return jnp.where(is_img[..., None], picked, inputs_embeds)
 
 
@@ -56,25 +82,39 @@ class QwenVL(nnx.Module):
                               spatial_merge_size=self.cfg.vision.spatial_merge_size)
 
     def embed(self, input_ids, image_embeds=None):
+        """Token embeddings with the image-pad tokens replaced by ``image_embeds`` rows.
+        Without ``image_embeds`` (the decode loop) nothing is checked or scattered."""
         emb = self.decoder.embed(input_ids)
         if image_embeds is not None:
             emb = scatter_image_embeds(emb, input_ids, image_embeds, self.cfg.image_token_id)
         return emb
 
     def hidden_states(self, input_ids, attention_mask=None, pixel_values=None,
-                      image_grid_thw=None):
-        """Final-normed decoder hidden states ``[B, T, hidden]``. Called eagerly (concrete
-        arrays, not under jit), the inputs are checked first (:func:`check_inputs`)."""
-        if pixel_values is not None and image_grid_thw is None:
-            raise ValueError("pixel_values given without image_grid_thw")
-        args = (input_ids, pixel_values, image_grid_thw)
+                      image_grid_thw=None, *, image_embeds=None):
+        """Final-normed decoder hidden states ``[B, T, hidden]``.
+
+        Images come either as ``pixel_values`` (encoded here) or as precomputed
+        ``image_embeds`` (the rows of :meth:`encode_images`, e.g. computed once per
+        prompt and repeated for its G completions), never both; ``image_grid_thw``
+        is needed either way (M-RoPE positions). Called eagerly (concrete arrays,
+        not under jit), the inputs are checked first (:func:`check_inputs`)."""
+        if pixel_values is not None and image_embeds is not None:
+            raise ValueError("give pixel_values or image_embeds, not both")
+        has_img = pixel_values is not None or image_embeds is not None
+        if has_img and image_grid_thw is None:
+            raise ValueError(("pixel_values" if pixel_values is not None else "image_embeds")
+                             + " given without image_grid_thw")
+        args = (input_ids, pixel_values, image_grid_thw, image_embeds)
         if not any(isinstance(a, jax.core.Tracer) or not getattr(a, "is_fully_addressable", True)
                    for a in args):  # (multi-host global arrays cannot be read here)
-            check_inputs(self.cfg, input_ids, pixel_values, image_grid_thw)
+            check_inputs(self.cfg, input_ids, pixel_values, image_grid_thw,
+                         image_embeds=image_embeds)
         input_ids = jnp.asarray(input_ids)
-        img = None if pixel_values is None else self.encode_images(pixel_values, image_grid_thw)
+        img = image_embeds
+        if pixel_values is not None:
+            img = self.encode_images(pixel_values, image_grid_thw)
         pos, _ = self.get_rope_index(input_ids, attention_mask,
-                                     image_grid_thw if pixel_values is not None else None)
+                                     image_grid_thw if has_img else None)
         emb = self.embed(input_ids, img)
         hidden, _ = self.decoder(emb, pos, attention_mask)
         return hidden
@@ -88,14 +128,16 @@ class QwenVL(nnx.Module):
         return KVCache.init(self.cfg, batch, max_len, dtype)
 
 
-def check_inputs(cfg: ModelConfig, input_ids, pixel_values, image_grid_thw) -> None:
+def check_inputs(cfg: ModelConfig, input_ids, pixel_values, image_grid_thw, *,
+                 image_embeds=None) -> None:
     """Host-side consistency checks of concrete inputs (clear errors instead of silent
-    garbage): image-token count vs. grid sizes vs. number of patches, and every image
-    within ``vision_max_patches`` (per-image layout)."""
+    garbage): image-token count vs. grid sizes vs. number of patches (or rows of
+    precomputed ``image_embeds``), and every image within ``vision_max_patches``
+    (per-image layout)."""
     import numpy as np
     ids = np.asarray(input_ids)
     n_tok = int((ids == cfg.image_token_id).sum())
-    if pixel_values is None:
+    if pixel_values is None and image_embeds is None:
         if n_tok:
             raise ValueError(f"input_ids hold {n_tok} image tokens but no pixel_values were given")
         return
@@ -104,9 +146,12 @@ def check_inputs(cfg: ModelConfig, input_ids, pixel_values, image_grid_thw) -> N
         raise ValueError(f"image_grid_thw must be [num_images, 3], got shape {grid.shape}")
     m2 = cfg.vision.spatial_merge_size ** 2
     patches = int(grid.prod(-1).sum())
-    if patches > np.shape(pixel_values)[0]:
+    if pixel_values is not None and patches > np.shape(pixel_values)[0]:
         raise ValueError(f"image_grid_thw describes {patches} patches but pixel_values has only "
                          f"{np.shape(pixel_values)[0]}")
+    if image_embeds is not None and patches // m2 > np.shape(image_embeds)[0]:
+        raise ValueError(f"image_grid_thw describes {patches // m2} merged patches but "
+                         f"image_embeds has only {np.shape(image_embeds)[0]} rows")
     if n_tok != patches // m2:
         raise ValueError(f"input_ids hold {n_tok} image tokens but image_grid_thw describes "
                          f"{patches // m2} merged patches")

@@ -79,6 +79,7 @@ class PipelineConfig(_Validated):
     task: Literal["detection", "counting", "mixed"] = "detection"
     counting_fraction: float = 0.5
     category: str = "person"
+    prompt_style: Literal["full", "short"] = "full"
     min_pixels: int = 56 * 56
     max_pixels: int = 28 * 28 * 1280
     seq_buckets: tuple[int, ...] = ()
@@ -165,7 +166,8 @@ class ExampleBuilder:
         task = _task_of(rec.image_id, self.cfg)
         n_tok = pp.num_image_tokens(out["image_grid_thw"], self.spec)
         return {
-            "input_ids": prompts.encode_prompt(self.tokenizer, n_tok, task, self.cfg.category),
+            "input_ids": prompts.encode_prompt(self.tokenizer, n_tok, task, self.cfg.category,
+                                               self.cfg.prompt_style),
             "pixel_values": out["pixel_values"],
             "image_grid_thw": out["image_grid_thw"],
             "gt_boxes": boxes[keep & ~rec.ignore],

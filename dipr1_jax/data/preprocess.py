@@ -121,6 +121,22 @@ def patchify(chw: np.ndarray, spec: VisionSpec = VisionSpec()) -> np.ndarray:
     return x.reshape(gh * gw, c * t * p * p)
 
 
+def unpatchify(pixel_values: np.ndarray, grid_thw, spec: VisionSpec = VisionSpec()) -> np.ndarray:
+    """Inverse of ``patchify(normalize(image))``: ``[gh * gw, patch_dim]`` with
+    ``grid_thw = (1, gh, gw)`` -> uint8 ``[gh * patch, gw * patch, 3]`` (the resized model
+    input; un-normalized, rounded, clipped; the temporal copies are averaged)."""
+    t_grid, gh, gw = (int(v) for v in np.asarray(grid_thw).reshape(-1))
+    p, m, t = spec.patch_size, spec.merge_size, spec.temporal_patch_size
+    x = np.asarray(pixel_values, np.float32)
+    if t_grid != 1 or gh % m or gw % m or x.shape != (gh * gw, spec.patch_dim):
+        raise ValueError(f"unpatchify: grid_thw {(t_grid, gh, gw)} and pixel_values {x.shape} "
+                         f"do not describe one image (need t == 1, [gh * gw, {spec.patch_dim}])")
+    x = x.reshape(gh // m, gw // m, m, m, 3, t, p, p).mean(axis=5)  # (Gh, Gw, mh, mw, C, p, p)
+    chw = x.transpose(4, 0, 2, 5, 1, 3, 6).reshape(3, gh * p, gw * p)
+    hwc = (chw.transpose(1, 2, 0) * _STD + _MEAN) * 255.0
+    return np.clip(np.rint(hwc), 0, 255).astype(np.uint8)
+
+
 def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
     """Pillow bicubic resize of uint8 ``[H, W, 3]`` (a no-op when the size matches)."""
     if image.shape[:2] == (height, width):

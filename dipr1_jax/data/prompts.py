@@ -37,12 +37,21 @@ COUNTING_QUESTION = (
     "In <answer> give the count as a single integer."
 )
 
+# "short": the same Think-Look-Answer contract in few tokens, for small models trained
+# from scratch (the built-in default job); released checkpoints use the full prompts.
+SHORT_SYSTEM_PROMPT = "Reply <think>..</think> <look>hard boxes</look> <answer>..</answer>."
+SHORT_QUESTIONS = {"detection": "Box every {category}.", "counting": "Count the {plural}."}
+PROMPT_STYLES = ("full", "short")
+
 PLURALS = {"person": "people", "pedestrian": "pedestrians", "car": "cars", "vehicle": "vehicles"}
 
 IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 
 
-def question(task: str, category: str = "person") -> str:
+def question(task: str, category: str = "person", style: str = "full") -> str:
+    if style == "short" and task in SHORT_QUESTIONS:
+        return SHORT_QUESTIONS[task].format(category=category,
+                                            plural=PLURALS.get(category, category + "s"))
     if task == "detection":
         return DETECTION_QUESTION.format(category=category)
     if task == "counting":
@@ -50,17 +59,23 @@ def question(task: str, category: str = "person") -> str:
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
 
 
-def build_messages(task: str = "detection", category: str = "person") -> list[dict]:
+def build_messages(task: str = "detection", category: str = "person",
+                   style: str = "full") -> list[dict]:
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"unknown prompt style {style!r}; expected one of {PROMPT_STYLES}")
+    system = SHORT_SYSTEM_PROMPT if style == "short" else SYSTEM_PROMPT
     return [
-        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "system", "content": system},
         {"role": "user", "content": [{"type": "image"},
-                                     {"type": "text", "text": question(task, category)}]},
+                                     {"type": "text", "text": question(task, category, style)}]},
     ]
 
 
-def prompt_text(tokenizer, task: str = "detection", category: str = "person") -> str:
+def prompt_text(tokenizer, task: str = "detection", category: str = "person",
+                style: str = "full") -> str:
     """The rendered chat prompt (with the generation prompt) for one image."""
-    text = tokenizer.apply_chat_template(build_messages(task, category), add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(build_messages(task, category, style),
+                                         add_generation_prompt=True)
     if text.count("<|image_pad|>") != 1:
         raise ValueError(f"chat template produced {text.count('<|image_pad|>')} image "
                          "placeholders, expected 1")
@@ -68,8 +83,9 @@ def prompt_text(tokenizer, task: str = "detection", category: str = "person") ->
 
 
 @functools.lru_cache(maxsize=64)
-def _template_ids(tokenizer, task: str, category: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    ids = tokenizer.encode(prompt_text(tokenizer, task, category))
+def _template_ids(tokenizer, task: str, category: str,
+                  style: str = "full") -> tuple[tuple[int, ...], tuple[int, ...]]:
+    ids = tokenizer.encode(prompt_text(tokenizer, task, category, style))
     pos = [i for i, t in enumerate(ids) if t == tokenizer.image_token_id]
     if len(pos) != 1:
         raise ValueError(f"prompt encodes to {len(pos)} image tokens (id "
@@ -78,9 +94,9 @@ def _template_ids(tokenizer, task: str, category: str) -> tuple[tuple[int, ...],
 
 
 def encode_prompt(tokenizer, num_image_tokens: int, task: str = "detection",
-                  category: str = "person") -> np.ndarray:
+                  category: str = "person", style: str = "full") -> np.ndarray:
     """Prompt ids (int32) with the image placeholder expanded to ``num_image_tokens``."""
-    head, tail = _template_ids(tokenizer, task, category)
+    head, tail = _template_ids(tokenizer, task, category, style)
     return np.concatenate([
         np.asarray(head, np.int32),
         np.full((num_image_tokens,), tokenizer.image_token_id, np.int32),

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from absl import flags
 
-from dipr1_jax.config import Config, ConfigError, leaf_fields, replace_path
+from dipr1_jax.config import Config, ConfigError, leaf_fields, optional_inner, replace_path
 
 PREFIX = "config"
 _HELP_FLAGS = {"-h", "-?", "--help", "--helpshort", "--helpfull", "--helpxml"}
@@ -37,7 +37,11 @@ def define_config_flags(default: Config | None = None, flag_values=flags.FLAGS) 
         name = f"{PREFIX}.{path}"
         origin = typing.get_origin(ann)
         doc = help_text or path
-        if origin is Literal:
+        inner = optional_inner(ann)
+        if inner is not None:
+            flags.DEFINE(_OptionalParser(inner), name, value, doc + " ('none' for None)",
+                         flag_values=flag_values)
+        elif origin is Literal:
             flags.DEFINE_enum(name, value, [str(a) for a in typing.get_args(ann)], doc,
                               flag_values=flag_values)
         elif ann is bool:
@@ -50,6 +54,34 @@ def define_config_flags(default: Config | None = None, flag_values=flags.FLAGS) 
             flags.DEFINE_list(name, [str(v) for v in value], doc, flag_values=flag_values)
         else:
             flags.DEFINE_string(name, str(value), doc, flag_values=flag_values)
+
+
+class _OptionalParser(flags.ArgumentParser):
+    """Parses ``X | None`` flags: 'none' (any case) or '' is None, else an ``X``."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.syntactic_help = f"{getattr(inner, '__name__', inner)} or 'none'"
+
+    def parse(self, argument):
+        if argument is None or (isinstance(argument, str) and argument.strip().lower()
+                                in ("", "none")):
+            return None
+        if not isinstance(argument, str):
+            return argument
+        try:
+            if self.inner is bool:
+                if argument.lower() in ("true", "1"):
+                    return True
+                if argument.lower() in ("false", "0"):
+                    return False
+                raise ValueError(argument)
+            return self.inner(argument)
+        except ValueError:
+            raise ValueError(f"expected {self.syntactic_help}, got {argument!r}") from None
+
+    def flag_type(self):
+        return self.syntactic_help
 
 
 def load_config_file(path: str) -> Config:

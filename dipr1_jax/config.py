@@ -3,7 +3,7 @@
 Every config is a frozen dataclass validated in ``__post_init__`` (types and
 ranges), so a bad value fails at construction with a message that names the
 field. ``Config`` is the root; experiment files in ``configs/`` define
-``get_config() -> Config``. ``flags.py`` turns every leaf field into an absl
+``get_config() -> Config``. ``cli.py`` turns every leaf field into an absl
 flag ``--config.<section>.<field>`` for sweeps.
 
 Frozen dataclasses are hashable, so a config can be a static argument of
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 import typing
 from typing import Any, Literal
 
@@ -27,8 +28,21 @@ class ConfigError(ValueError):
     """A configuration value is invalid. The message names the field."""
 
 
+def optional_inner(annotation: Any) -> Any:
+    """``X`` for an annotation ``X | None`` (or ``Optional[X]``), else None."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(annotation)) == 2:
+            return args[0]
+    return None
+
+
 def _type_ok(value: Any, annotation: Any) -> bool:
     origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
     if origin is Literal:
         return value in typing.get_args(annotation)
     if origin is tuple:
@@ -44,10 +58,13 @@ def _type_ok(value: Any, annotation: Any) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
     if isinstance(annotation, type):
         return isinstance(value, annotation)
-    return True
+    raise TypeError(f"config: unsupported annotation {annotation!r}")
 
 
 def _describe(annotation: Any) -> str:
+    inner = optional_inner(annotation)
+    if inner is not None:
+        return _describe(inner) + " or None"
     if typing.get_origin(annotation) is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
     return getattr(annotation, "__name__", str(annotation))
@@ -61,7 +78,8 @@ class _Validated:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             ann = hints[f.name]
-            if ann is float and isinstance(value, int) and not isinstance(value, bool):
+            if (ann is float or optional_inner(ann) is float) and isinstance(value, int) \
+                    and not isinstance(value, bool):
                 object.__setattr__(self, f.name, float(value))
                 value = float(value)
             if not _type_ok(value, ann):
@@ -154,12 +172,221 @@ class DemoConfig(_Validated):
         self._require(self.image_size >= 28, "image_size", "must be >= 28")
 
 
+DATA_NAMES = ("synthetic", "crowdhuman", "citypersons", "widerped", "uavdt", "coco")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection(_Validated):
+    """Which policy to train: a Hugging Face directory, or a preset with random weights."""
+
+    preset: str = _f("small", "preset for random init (tiny, small, bench-100m, qwen2.5-vl-3b, ...)")
+    checkpoint: str = _f("", "Hugging Face Qwen2.5-VL / Qwen2-VL directory (config.json, "
+                             "safetensors, tokenizer.json); empty: random init of preset")
+    dtype: Literal["float32", "bfloat16"] = _f("float32", "compute dtype")
+    param_dtype: Literal["float32", "bfloat16"] = _f("float32", "parameter dtype")
+    remat: Literal["none", "full", "dots", "dots_no_batch", "save_block_outputs"] = _f(
+        "none", "rematerialisation policy per decoder layer / vision block")
+    scan_layers: bool = _f(False, "nnx.scan over the decoder layers")
+    vision_max_patches: int = _f(0, "per-image vision layout with this many patches per image "
+                                    "(0: flat layout; set it for large images)")
+    logprob_chunk: int = _f(256, "sequence chunk of the float32 log-prob computation")
+
+    def validate(self):
+        from dipr1_jax.model.config import PRESETS
+        self._require(self.preset in PRESETS, "preset", f"must be one of {', '.join(PRESETS)}")
+        self._require(self.vision_max_patches >= 0, "vision_max_patches", "must be >= 0")
+        self._require(self.logprob_chunk >= 1, "logprob_chunk", "must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection(_Validated):
+    """Training and held-out data. Readers take ``root`` (the dataset's official layout)."""
+
+    name: str = _f("synthetic", "synthetic | crowdhuman | citypersons | widerped | uavdt | coco "
+                                "| tfds:<builder>")
+    root: str = _f("", "dataset directory in its official layout (readers) or TFDS data_dir")
+    train_split: str = _f("train", "split used for training")
+    eval_split: str = _f("val", "held-out split used for evaluation")
+    task: Literal["detection", "counting", "mixed"] = _f("detection", "prompt task mix")
+    counting_fraction: float = _f(0.5, "share of counting prompts when task=mixed")
+    category: str = _f("person", "object category named in the prompts")
+    prompt_style: Literal["auto", "full", "short"] = _f(
+        "auto", "full: the DIP-R1 instructions; short: a few tokens (small models trained from "
+                "scratch); auto: short for random init, full for checkpoints")
+    min_pixels: int = _f(56 * 56, "smart_resize lower bound")
+    max_pixels: int = _f(28 * 28 * 1280, "smart_resize upper bound")
+    worker_count: int = _f(0, "grain worker processes (0: in the main process)")
+    synthetic_train_size: int = _f(2048, "synthetic: images in the train split")
+    synthetic_eval_size: int = _f(64, "synthetic: images in the held-out split")
+    synthetic_width: int = _f(112, "synthetic: image width")
+    synthetic_height: int = _f(112, "synthetic: image height")
+    synthetic_difficulty: Literal["easy", "medium", "hard"] = _f("easy", "synthetic: crowd density")
+    synthetic_max_people: int = _f(3, "synthetic: people per image are drawn in [1, this] "
+                                      "(0: the difficulty's range)")
+
+    def validate(self):
+        ok = self.name in DATA_NAMES or (self.name.startswith("tfds:") and len(self.name) > 5)
+        self._require(ok, "name", f"must be one of {', '.join(DATA_NAMES)} or tfds:<builder>")
+        self._require(0.0 <= self.counting_fraction <= 1.0, "counting_fraction", "must be in [0, 1]")
+        self._require(0 < self.min_pixels <= self.max_pixels, "min_pixels",
+                      "need 0 < min_pixels <= max_pixels")
+        self._require(self.worker_count >= 0, "worker_count", "must be >= 0")
+        for name in ("synthetic_train_size", "synthetic_eval_size"):
+            self._require(getattr(self, name) >= 1, name, "must be >= 1")
+        for name in ("synthetic_width", "synthetic_height"):
+            self._require(getattr(self, name) >= 32, name, "must be >= 32")
+        self._require(self.synthetic_max_people >= 0, "synthetic_max_people", "must be >= 0")
+        if self.name != "synthetic" and not self.name.startswith("tfds:"):
+            self._require(bool(self.root), "root", f"data.name={self.name} needs data.root")
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutSection(_Validated):
+    """Sampling of the G completions per prompt (GRPO)."""
+
+    max_new_tokens: int = _f(96, "completion budget in tokens")
+    temperature: float = _f(1.0, "sampling temperature (the log-probs use the same)")
+    top_p: float = _f(1.0, "nucleus truncation")
+    top_k: int = _f(0, "top-k truncation (0: off)")
+
+    def validate(self):
+        self._require(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        self._require(self.temperature > 0, "temperature", "must be > 0 (GRPO samples)")
+        self._require(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
+        self._require(self.top_k >= 0, "top_k", "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSection(_Validated):
+    """optax AdamW with linear warmup + cosine decay and global-norm clipping."""
+
+    learning_rate: float = _f(1e-3, "peak learning rate")
+    warmup_steps: int = _f(10, "linear warmup steps")
+    end_lr_ratio: float = _f(0.1, "final / peak learning rate of the cosine decay")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    b1: float = _f(0.9, "Adam beta1")
+    b2: float = _f(0.99, "Adam beta2")
+    grad_clip: float = _f(1.0, "global-norm clip (0: off)")
+
+    def validate(self):
+        self._require(self.learning_rate > 0, "learning_rate", "must be > 0")
+        self._require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        self._require(0.0 <= self.end_lr_ratio <= 1.0, "end_lr_ratio", "must be in [0, 1]")
+        self._require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        self._require(0.0 <= self.b1 < 1.0 and 0.0 <= self.b2 < 1.0, "b1", "betas in [0, 1)")
+        self._require(self.grad_clip >= 0, "grad_clip", "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSection(_Validated):
+    """The GRPO loop."""
+
+    steps: int = _f(60, "GRPO iterations")
+    batch_size: int = _f(8, "prompts per step (global)")
+    micro_batch_size: int = _f(0, "prompts per gradient micro-batch (whole groups; 0: all)")
+    freeze_vision: bool = _f(False, "no gradients / optimizer state for the vision tower")
+    optim: OptimSection = dataclasses.field(
+        default_factory=lambda: OptimSection(learning_rate=3e-4, warmup_steps=5))
+
+    def validate(self):
+        self._require(self.steps >= 0, "steps", "must be >= 0")
+        self._require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        self._require(self.micro_batch_size >= 0, "micro_batch_size", "must be >= 0")
+        if self.micro_batch_size:
+            self._require(self.batch_size % self.micro_batch_size == 0, "micro_batch_size",
+                          f"must divide batch_size={self.batch_size}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTSection(_Validated):
+    """Supervised fine-tuning on Think-Look-Answer targets built from ground truth."""
+
+    steps: int = _f(300, "SFT steps")
+    batch_size: int = _f(16, "examples per step")
+    target_style: Literal["json", "compact"] = _f(
+        "compact", "json: {bbox_2d, label} entries as the prompt asks; compact: bare lists")
+    max_look: int = _f(2, "look boxes in a target (the hardest GT instances)")
+    freeze_vision: bool = _f(False, "no gradients / optimizer state for the vision tower")
+    optim: OptimSection = dataclasses.field(default_factory=OptimSection)
+
+    def validate(self):
+        self._require(self.steps >= 0, "steps", "must be >= 0")
+        self._require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        self._require(self.max_look >= 0, "max_look", "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSection(_Validated):
+    """Greedy evaluation on the held-out split."""
+
+    every: int = _f(0, "evaluate every N training steps (0: only before and after)")
+    batch_size: int = _f(16, "prompts per evaluation batch")
+    num_images: int = _f(0, "held-out images used (0: the whole split)")
+    max_new_tokens: int = _f(0, "decode budget (0: rollout.max_new_tokens)")
+    num_draw: int = _f(4, "images drawn into report/ per evaluation")
+
+    def validate(self):
+        for name in ("every", "num_images", "max_new_tokens", "num_draw"):
+            self._require(getattr(self, name) >= 0, name, "must be >= 0")
+        self._require(self.batch_size >= 1, "batch_size", "must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class LogSection(_Validated):
+    every: int = _f(1, "log training metrics every N steps")
+    samples_every: int = _f(10, "write completions to samples.jsonl every N steps (0: never)")
+    num_samples: int = _f(4, "completions written each time")
+    tensorboard: bool = _f(True, "write TensorBoard event files")
+
+    def validate(self):
+        self._require(self.every >= 1, "every", "must be >= 1")
+        self._require(self.samples_every >= 0, "samples_every", "must be >= 0")
+        self._require(self.num_samples >= 0, "num_samples", "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSection(_Validated):
+    """Device mesh (DESIGN.md section 6); -1 takes the remaining devices."""
+
+    data: int = _f(1, "data-parallel axis size")
+    fsdp: int = _f(-1, "fully-sharded axis size (-1: the rest)")
+    tensor: int = _f(1, "tensor-parallel axis size")
+    devices: int = _f(0, "use the first N devices (0: all)")
+
+    def validate(self):
+        self._require(self.devices >= 0, "devices", "must be >= 0")
+        for name in ("data", "fsdp", "tensor"):
+            v = getattr(self, name)
+            self._require(v >= 1 or v == -1, name, "must be >= 1 or -1")
+
+
+Mode = Literal["pipeline", "sft", "grpo", "eval", "reward-demo"]
+
+
 @dataclasses.dataclass(frozen=True)
 class Config(_Validated):
-    mode: Literal["reward-demo"] = _f("reward-demo", "what launch runs")
+    mode: Mode = _f("pipeline", "pipeline (base eval -> SFT -> GRPO, compared) | sft | grpo | "
+                                "eval | reward-demo")
+    seed: int = _f(0, "seeds data order, init, rollouts")
+    init_from: str = _f("", "grpo/eval: start from this export or HF directory "
+                            "(default: model.checkpoint, else random init)")
+    control: bool = _f(True, "pipeline: also continue SFT for GRPO's wall time (a control)")
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+    rollout: RolloutSection = dataclasses.field(default_factory=RolloutSection)
+    train: TrainSection = dataclasses.field(default_factory=TrainSection)
+    sft: SFTSection = dataclasses.field(default_factory=SFTSection)
+    eval: EvalSection = dataclasses.field(default_factory=EvalSection)
+    log: LogSection = dataclasses.field(default_factory=LogSection)
+    mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
     rewards: RewardConfig = dataclasses.field(default_factory=RewardConfig)
     grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
     demo: DemoConfig = dataclasses.field(default_factory=DemoConfig)
+
+
+def to_dict(cfg: Any) -> dict:
+    """The config as a JSON-ready nested dict (``config.json`` of a run)."""
+    return dataclasses.asdict(cfg)
 
 
 def leaf_fields(cfg: Any, prefix: str = "", with_help: bool = False) -> list[tuple]:

@@ -33,9 +33,26 @@ def group_advantages(rewards: jnp.ndarray, scale: str = "group") -> jnp.ndarray:
     return centred / (std + ADV_EPS)
 
 
+def loss_denominator(mask, cfg: GRPOConfig = GRPOConfig(), valid=None):
+    """The loss denominator of a whole batch (``mask [..., T]``, ``valid [...]`` rows that
+    count: batch padding and dropped groups do not). Micro-batches divide their
+    ``loss_sum`` by this, so the accumulated gradient is the full-batch one."""
+    mask = jnp.asarray(mask, jnp.float32)
+    rows = jnp.ones(mask.shape[:-1], jnp.float32) if valid is None else jnp.asarray(
+        valid, jnp.float32)
+    if cfg.aggregation == "token-mean":
+        return jnp.sum(mask * rows[..., None])
+    if cfg.aggregation == "seq-mean-token-mean":
+        return jnp.sum((jnp.sum(mask, -1) > 0) * rows)
+    if cfg.aggregation == "seq-mean-token-sum-norm":
+        norm = cfg.norm_length if cfg.norm_length > 0 else mask.shape[-1]
+        return jnp.sum(rows) * norm
+    raise ValueError(f"loss_denominator: unknown aggregation {cfg.aggregation!r}")
+
+
 def grpo_loss(logp: jnp.ndarray, old_logp: jnp.ndarray | None, ref_logp: jnp.ndarray | None,
               advantages: jnp.ndarray, mask: jnp.ndarray,
-              cfg: GRPOConfig = GRPOConfig()) -> tuple[jnp.ndarray, dict]:
+              cfg: GRPOConfig = GRPOConfig(), valid=None) -> tuple[jnp.ndarray, dict]:
     """Clipped GRPO loss with the k3 KL penalty.
 
     Args:
@@ -47,6 +64,9 @@ def grpo_loss(logp: jnp.ndarray, old_logp: jnp.ndarray | None, ref_logp: jnp.nda
       advantages: ``[...]`` one per sequence (e.g. ``[B, G]``).
       mask: ``[..., T]`` completion tokens (1) versus padding (0).
       cfg: eps_low, eps_high, beta, aggregation, norm_length.
+      valid: optional ``[...]`` rows that count (batch padding rows and dropped
+        groups are False); their tokens must also be 0 in ``mask``. Only
+        Dr.GRPO's denominator (rows x norm) needs it.
 
     Returns:
       ``(loss, metrics)`` where ``loss == metrics["loss_sum"] / metrics["loss_denom"]``
@@ -85,9 +105,8 @@ def grpo_loss(logp: jnp.ndarray, old_logp: jnp.ndarray | None, ref_logp: jnp.nda
         loss_sum = jnp.sum(per_seq * has_tokens)
         denom = n_seq
     elif cfg.aggregation == "seq-mean-token-sum-norm":
-        norm = cfg.norm_length if cfg.norm_length > 0 else logp.shape[-1]
         loss_sum = jnp.sum(per_token * mask)
-        denom = jnp.asarray(mask.size // mask.shape[-1] * norm, jnp.float32)
+        denom = loss_denominator(mask, cfg, valid)
     else:
         raise ValueError(f"grpo_loss: unknown aggregation {cfg.aggregation!r}")
     loss = loss_sum / jnp.maximum(denom, 1e-8)

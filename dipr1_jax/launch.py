@@ -1,9 +1,19 @@
 """Entry point: ``python -m dipr1_jax.launch [--config=configs/x.py] [--config.a.b=v ...]``.
 
 Modes (``--config.mode``):
-  reward-demo  (default) the reward pipeline on synthetic crowded scenes:
-               simulated rollouts -> host parse -> jitted reward kernels ->
-               group advantages, with timings. No model, no downloads.
+  pipeline     (default) on synthetic crowds, no downloads: evaluate the
+               random-init model, SFT it, evaluate, GRPO from the SFT policy,
+               evaluate, and print base -> SFT -> SFT+GRPO (plus a control:
+               SFT continued for GRPO's wall time).
+  sft          SFT from --config.model.checkpoint (or random init), exported.
+  grpo         GRPO from --config.init_from (an export or HF directory) or
+               --config.model.checkpoint, exported.
+  eval         greedy evaluation of --config.init_from on the held-out split.
+  reward-demo  the reward pipeline on synthetic scenes with simulated
+               rollouts (no model).
+
+``--workdir=DIR`` (default ``runs/<mode>-<time>``) receives config.json,
+metrics.jsonl, samples.jsonl, TensorBoard events, export/ and report/.
 
 Every config field is a flag; ``--help`` lists them. Bad values fail with one
 line naming the flag.
@@ -11,6 +21,7 @@ line naming the flag.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -21,6 +32,7 @@ from dipr1_jax.config import Config, ConfigError
 
 cli.define_config_flags(Config())
 flags.adopt_module_key_flags(cli)  # so that --help lists every --config.* flag
+flags.DEFINE_string("workdir", None, "run directory (default: runs/<mode>-<time>)")
 
 
 def run_reward_demo(cfg: Config) -> dict:
@@ -83,6 +95,17 @@ def main(argv: list[str]) -> int:
         return 2
     if cfg.mode == "reward-demo":
         run_reward_demo(cfg)
+        return 0
+    from dipr1_jax.train.modes import MODES
+    from dipr1_jax.train.writers import WorkdirError
+
+    workdir = flags.FLAGS.workdir or os.path.join(
+        "runs", f"{cfg.mode}-{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        MODES[cfg.mode](cfg, workdir)
+    except (WorkdirError, FileNotFoundError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

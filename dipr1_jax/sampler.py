@@ -159,7 +159,8 @@ def _prefill(graphdef, state, input_ids, attention_mask, pixel_values, image_gri
 @functools.partial(jax.jit, donate_argnames=("cache",),
                    static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k",
                                     "top_p", "eos_ids", "pad_id", "suppress"))
-def _decode(graphdef, state, cache, cache_mask, logits, next_pos, keys, *, max_new_tokens: int,
+def _decode(graphdef, state, cache, cache_mask, logits, next_pos, keys, skip, *,
+            max_new_tokens: int,
             temperature: float, top_k: int, top_p: float, eos_ids: tuple, pad_id: int,
             suppress: tuple = ()):
     model = nnx.merge(graphdef, state)
@@ -196,7 +197,7 @@ def _decode(graphdef, state, cache, cache_mask, logits, next_pos, keys, *, max_n
         return i + 1, cache, cache_mask, logits, tokens, done, lengths, logps, bad
 
     init = (jnp.int32(0), cache, cache_mask, logits,
-            jnp.full((N, max_new_tokens), pad_id, jnp.int32), jnp.zeros((N,), bool),
+            jnp.full((N, max_new_tokens), pad_id, jnp.int32), skip,
             jnp.zeros((N,), jnp.int32), jnp.zeros((N, max_new_tokens), jnp.float32),
             jnp.zeros((N,), bool))
     out = jax.lax.while_loop(cond, body, init)
@@ -212,9 +213,17 @@ def _pad_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, prompt_
     if ids.ndim != 2 or mask.shape != ids.shape:
         raise ValueError(f"generate: input_ids {ids.shape} and attention_mask {mask.shape} "
                          "must both be [B, T]")
-    if mask.shape[1] and np.any(mask[:, -1] == 0):
-        rows = np.nonzero(mask[:, -1] == 0)[0].tolist()
+    if ids.shape[1] == 0:
+        raise ValueError("generate: empty prompts (T == 0)")
+    row_valid = mask.any(axis=1)
+    bad = row_valid & (mask[:, -1] == 0)
+    if np.any(bad):
+        rows = np.nonzero(bad)[0].tolist()
         raise ValueError(f"generate: prompts must be left-padded; rows {rows} end in padding")
+    # Batch padding rows (mask all 0): attend to their last slot only, so that the
+    # prefill stays finite; they are marked done before the first decode step.
+    mask = mask.copy()
+    mask[~row_valid, -1] = 1
     B, T = ids.shape
     Tb = _round_up(T, prompt_bucket)
     if Tb > T:
@@ -228,7 +237,7 @@ def _pad_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, prompt_
         nb = _round_up(n, patch_bucket)
         if nb > n:
             pv = np.concatenate([pv, np.zeros((nb - n,) + pv.shape[1:], pv.dtype)], 0)
-    return ids.astype(np.int32), mask.astype(np.int32), pv, grid
+    return ids.astype(np.int32), mask.astype(np.int32), pv, grid, row_valid
 
 
 def generate(model, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, *,
@@ -243,14 +252,18 @@ def generate(model, input_ids, attention_mask, pixel_values=None, image_grid_thw
     Args:
       model: a ``dipr1_jax.model.QwenVL`` (sharded or not; with a mesh, call
         under ``jax.set_mesh(mesh)``).
-      input_ids, attention_mask: ``[B, T]`` left-padded prompts.
+      input_ids, attention_mask: ``[B, T]`` left-padded prompts. A row whose mask is
+        all 0 is batch padding (the pipeline's ``valid == False``): it produces no
+        tokens (length 0, all ``pad_token_id``) and is never flagged non-finite.
       pixel_values, image_grid_thw: as the Qwen processor returns them (or None).
       group_size: G completions per prompt.
       max_new_tokens: decode budget (the KV cache holds prompt + this).
       temperature: 0 for greedy; top_p / top_k truncate the distribution.
       eos_token_ids: stop token id(s).
       rng: a ``jax.random`` key; row ``b * G + g`` uses its own split of it.
-      pad_token_id: fills tokens after a row's end (default: first stop id).
+      pad_token_id: fills tokens after a row's end and pads prompts to their bucket
+        (default: ``model.cfg.pad_token_id``, the id the data pipeline pads with,
+        or the first stop id when the config has none).
       tokenizer: optional, with ``decode``; then ``texts`` holds the decoded
         completions (up to, not including, the stop token).
       suppress_token_ids: ids never sampled. Default: the model's image,
@@ -275,7 +288,9 @@ def generate(model, input_ids, attention_mask, pixel_values=None, image_grid_thw
                                  else [eos_token_ids]))
     if not eos:
         raise ValueError("generate: eos_token_ids is empty")
-    pad = eos[0] if pad_token_id is None else int(pad_token_id)
+    if pad_token_id is None:  # one policy with the data pipeline: the model's pad id
+        pad_token_id = model.cfg.pad_token_id if model.cfg.pad_token_id >= 0 else eos[0]
+    pad = int(pad_token_id)
     if suppress_token_ids is None:
         c = model.cfg
         suppress_token_ids = (c.image_token_id, c.video_token_id, c.vision_start_token_id,
@@ -288,8 +303,8 @@ def generate(model, input_ids, attention_mask, pixel_values=None, image_grid_thw
         logging.warning("sampler: %d patches in the flat vision layout (an N^2 attention mask); "
                         "set ModelConfig.vision_max_patches to the largest image's patch count",
                         len(pixel_values))
-    ids, mask, pv, grid = _pad_inputs(input_ids, attention_mask, pixel_values, image_grid_thw,
-                                      prompt_bucket, patch_bucket, pad)
+    ids, mask, pv, grid, row_valid = _pad_inputs(input_ids, attention_mask, pixel_values,
+                                                 image_grid_thw, prompt_bucket, patch_bucket, pad)
     B, T = ids.shape
     cache_len = T + max_new_tokens
     if cache_length is not None:
@@ -310,8 +325,9 @@ def generate(model, input_ids, attention_mask, pixel_values=None, image_grid_thw
     keys = jax.random.split(rng, N)
     _note_compile("decode", (N, cache_len, max_new_tokens, float(temperature), int(top_k),
                              float(top_p), eos, suppress))
+    skip = jnp.asarray(np.repeat(~row_valid, group_size))
     tokens, lengths, logps, steps, _, bad = _decode(
-        graphdef, state, cache, cache_mask, logits, next_pos, keys,
+        graphdef, state, cache, cache_mask, logits, next_pos, keys, skip,
         max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
         top_p=float(top_p), eos_ids=eos, pad_id=pad, suppress=suppress)
     tokens, lengths, logps, bad = (np.asarray(x) for x in (tokens, lengths, logps, bad))

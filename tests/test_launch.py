@@ -75,8 +75,8 @@ def test_bad_override_fails_with_one_line(arg, needle):
     assert len(lines) == 1 and needle in lines[0] and lines[0].startswith("error:")
 
 
-def test_default_job_runs_and_rewards_rank_better_rollouts_higher():
-    out = _launch("--config.demo.steps=2", "--config.demo.batch_size=4", "--config.demo.max_gt=30")
+def test_reward_demo_runs_and_rewards_rank_better_rollouts_higher():
+    out = _launch("--config.mode=reward-demo", "--config.demo.steps=2", "--config.demo.batch_size=4", "--config.demo.max_gt=30")
     assert out.returncode == 0, out.stderr
     summary = [l for l in out.stdout.splitlines() if l.startswith("summary:")]
     assert len(summary) == 1

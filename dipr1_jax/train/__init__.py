@@ -1,0 +1,1 @@
+"""Training loops (SFT, GRPO, evaluation) and their run-directory writers."""

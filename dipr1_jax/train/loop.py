@@ -1,0 +1,260 @@
+"""The SFT and GRPO loops: plain Python around the jitted steps (big_vision style).
+
+One GRPO iteration (DESIGN.md section 8): a batch of B prompts -> ``sampler.generate``
+(G completions each) -> ``parse_completions`` -> ``dip_rewards`` [B, G] ->
+``group_advantages`` -> ``mu`` jitted updates over micro-batches of whole
+groups. Batch padding rows (``valid == False``) and groups with a row the
+sampler flagged ``nonfinite`` do not train and do not count in any metric.
+
+``Run`` carries what the loops share (config, mesh, tokenizer, writer, the
+held-out batches); ``SFTLoop`` / ``GRPOLoop`` own a train state and advance
+it by steps (or, for the SFT control of the pipeline, by wall time).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from dipr1_jax import sampler
+from dipr1_jax.config import Config
+from dipr1_jax.data.targets import target_ids, targets_for_batch
+from dipr1_jax.grpo import group_advantages, loss_denominator
+from dipr1_jax.rewards import dip_rewards, parse_completions
+from dipr1_jax.train import batch as tb
+from dipr1_jax.train import state as st
+from dipr1_jax.train.grpo_step import make_grpo_step, make_logprob_fn
+from dipr1_jax.train.sft_step import make_sft_step
+from dipr1_jax.train.writers import RunWriter, step_line
+
+REWARD_KEYS = ("format", "look", "accuracy", "count")
+
+
+@dataclasses.dataclass
+class Run:
+    cfg: Config
+    workdir: str
+    writer: RunWriter
+    tokenizer: Any
+    mesh: Any = None
+    eval_data: list | None = None
+
+    @property
+    def eos_ids(self) -> list[int]:
+        return sorted({self.tokenizer.im_end_token_id, self.tokenizer.eos_token_id})
+
+    def mesh_context(self):
+        import contextlib
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
+
+def _host(tree):
+    return jax.tree.map(lambda x: np.asarray(x).item() if np.ndim(x) == 0 else np.asarray(x),
+                        jax.device_get(tree))
+
+
+class _Loop:
+    """State shared by both loops: the split policy, its optimizer and train state."""
+
+    kind = ""
+
+    def __init__(self, run: Run, model, optim, total_steps: int, freeze_vision: bool):
+        self.run = run
+        self.policy = st.Policy.from_model(model)
+        trainable, self.frozen = self.policy.split(freeze_vision)
+        # Own copies: the state is donated to the step, the model's arrays may live on.
+        trainable = jax.tree.map(jnp.copy, trainable)
+        self.optim, self.total_steps = optim, total_steps
+        self.optimizer, self.schedule = st.make_optimizer(optim, total_steps)
+        self.state = st.init_state(trainable, self.optimizer, run.mesh)
+        self.state_shardings = (st.hashable_shardings(self.state) if run.mesh is not None
+                                else None)
+        self.elapsed = 0.0
+
+    @property
+    def step(self) -> int:
+        return int(self.state.step)
+
+    def model(self):
+        return st.merge(self.policy.graphdef, self.state.params, self.frozen)
+
+    def _log(self, i: int, total: int, metrics: dict, t0: float) -> None:
+        cfg = self.run.cfg
+        step = self.step
+        if step % cfg.log.every and i != total - 1:
+            return
+        done = i + 1
+        eta = self.elapsed / done * (total - done)
+        self.run.writer.log(step, metrics, kind=self.kind)
+        print(step_line(step, total, metrics, elapsed_s=self.elapsed, eta_s=eta, kind=self.kind),
+              flush=True)
+
+
+class SFTLoop(_Loop):
+    kind = "sft"
+
+    def __init__(self, run: Run, model):
+        c = run.cfg
+        super().__init__(run, model, c.sft.optim, c.sft.steps, c.sft.freeze_vision)
+        from dipr1_jax.train.data import train_iterator
+        self.data = train_iterator(c.data, run.tokenizer, c.sft.batch_size, c.seed)
+        self.step_fn = make_sft_step(self.policy.graphdef, self.optim, self.total_steps,
+                                     chunk=c.model.logprob_chunk,
+                                     state_shardings=self.state_shardings)
+
+    def batch(self) -> dict:
+        c = self.run.cfg
+        batch = next(self.data)
+        texts = targets_for_batch(batch, style=c.sft.target_style, max_look=c.sft.max_look,
+                                  category=c.data.category)
+        tok = self.run.tokenizer
+        ids = [target_ids(tok, t, tok.im_end_token_id) if v else np.zeros((0,), np.int32)
+               for t, v in zip(texts, batch["valid"])]
+        return tb.sft_batch(batch, ids, tok.pad_token_id)
+
+    def train(self, steps: int | None = None, seconds: float | None = None) -> None:
+        """``steps`` updates, or as many as fit in ``seconds`` of wall time."""
+        total = steps if steps is not None else self.run.cfg.sft.steps
+        with self.run.mesh_context():
+            i = 0
+            start = time.perf_counter()
+            while (i < total) if seconds is None else (time.perf_counter() - start < seconds):
+                t0 = time.perf_counter()
+                b = st.put_batch(self.batch(), self.run.mesh)
+                self.state, m = self.step_fn(self.state, self.frozen, b)
+                m = _host(m)
+                dt = time.perf_counter() - t0
+                self.elapsed += dt
+                m["tokens_per_s"] = m["tokens"] / max(dt, 1e-9)
+                m["time/update"] = dt
+                if not np.isfinite(m["loss"]):
+                    raise FloatingPointError(f"sft step {self.step}: loss is {m['loss']}")
+                if seconds is not None:  # a time budget: show progress against it
+                    m["budget_left_s"] = max(0.0, seconds - (time.perf_counter() - start))
+                self._log(i, total if seconds is None else i + 1, m, t0)
+                i += 1
+
+
+class GRPOLoop(_Loop):
+    kind = "grpo"
+
+    def __init__(self, run: Run, model):
+        c = run.cfg
+        super().__init__(run, model, c.train.optim, c.train.steps, c.train.freeze_vision)
+        from dipr1_jax.train.data import train_iterator
+        self.data = train_iterator(c.data, run.tokenizer, c.train.batch_size, c.seed + 1)
+        g = self.policy.graphdef
+        self.step_fn = make_grpo_step(g, self.optim, self.total_steps, c.grpo,
+                                      temperature=c.rollout.temperature,
+                                      chunk=c.model.logprob_chunk,
+                                      state_shardings=self.state_shardings)
+        self.logprob_fn = make_logprob_fn(g, temperature=c.rollout.temperature,
+                                          chunk=c.model.logprob_chunk)
+        # Reference policy: the initial parameters, frozen (none when beta == 0).
+        self.ref = (jax.tree.map(jnp.copy, self.state.params) if c.grpo.beta > 0 else None)
+        self.key = jax.random.key(c.seed + 7)
+        self.dropped_groups = 0
+
+    def rollout(self, batch: dict) -> tuple[Any, dict]:
+        c = self.run.cfg
+        out = sampler.generate(
+            self.model(), batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+            batch["image_grid_thw"], group_size=c.grpo.group_size,
+            max_new_tokens=c.rollout.max_new_tokens, temperature=c.rollout.temperature,
+            top_p=c.rollout.top_p, top_k=c.rollout.top_k, eos_token_ids=self.run.eos_ids,
+            rng=jax.random.fold_in(self.key, self.step), pad_token_id=self.run.tokenizer.pad_token_id,
+            tokenizer=self.run.tokenizer)
+        return out
+
+    def score(self, batch: dict, out) -> tuple[dict, np.ndarray]:
+        """Rewards ``[B, G]`` per component and the rows that train."""
+        c = self.run.cfg
+        G = c.grpo.group_size
+        flat = [t for row in out.texts for t in row]
+        parsed = parse_completions(flat, c.rewards.max_boxes, c.rewards.max_look)
+        r = dip_rewards(parsed, batch["gt_boxes"], batch["gt_mask"], G, c.rewards,
+                        is_count=batch["task"] == 1, ignore_boxes=batch["ignore_boxes"],
+                        ignore_mask=batch["ignore_mask"])
+        r = {k: np.asarray(v) for k, v in r.items()}
+        bad_group = np.asarray(out.nonfinite).any(axis=1) | ~np.all(
+            np.isfinite(r["total"]), axis=1)
+        keep_group = np.asarray(batch["valid"], bool) & ~bad_group
+        self.dropped_groups += int((np.asarray(batch["valid"], bool) & bad_group).sum())
+        keep = np.broadcast_to(keep_group[:, None], r["total"].shape)
+        return r, keep
+
+    def iteration(self, i: int, total: int) -> dict:
+        c = self.run.cfg
+        t0 = time.perf_counter()
+        batch = next(self.data)
+        out = self.rollout(batch)
+        t1 = time.perf_counter()
+        r, keep = self.score(batch, out)
+        total_r = np.where(keep, r["total"], 0.0)
+        adv = np.asarray(group_advantages(total_r, c.grpo.scale_rewards))
+        adv = np.where(keep, adv, 0.0)
+        t2 = time.perf_counter()
+        train = tb.rollout_batch(batch, out.tokens, out.lengths, adv, keep)
+        denom = float(loss_denominator(train["completion_mask"], c.grpo, keep))
+        B = train["input_ids"].shape[0]
+        n_micro = B // c.train.micro_batch_size if c.train.micro_batch_size else 1
+        mbs = st.put_batch(tb.split_micro_batches(train, n_micro), self.run.mesh, batch_axis=1)
+        if self.ref is not None:
+            mbs["ref_logp"] = self.logprob_fn(self.ref, self.frozen, mbs)
+        if c.grpo.mu > 1:
+            mbs["old_logp"] = self.logprob_fn(self.state.params, self.frozen, mbs)
+        m = {}
+        if denom > 0:
+            for _ in range(c.grpo.mu):
+                self.state, m = self.step_fn(self.state, self.frozen, mbs, jnp.float32(denom))
+            m = _host(m)
+        t3 = time.perf_counter()
+        dt = t3 - t0
+        self.elapsed += dt
+        kept = keep[:, 0]
+        lengths = np.asarray(out.lengths)[keep]
+        m.update({
+            "reward": float(r["total"][keep].mean()) if keep.any() else float("nan"),
+            **{f"reward/{k}": float(r[k][keep].mean()) if keep.any() else float("nan")
+               for k in REWARD_KEYS},
+            "adv_mean": float(adv[keep].mean()) if keep.any() else 0.0,
+            "adv_std": float(adv[keep].std()) if keep.any() else 0.0,
+            "zero_std_groups": float((r["total"][kept].std(axis=1) == 0).mean())
+            if kept.any() else 0.0,
+            "completion_len": float(lengths.mean()) if lengths.size else 0.0,
+            "tokens_per_s": float(np.asarray(out.lengths).sum()) / max(t1 - t0, 1e-9),
+            "dropped_groups": self.dropped_groups,
+            "time/rollout": t1 - t0, "time/reward": t2 - t1, "time/update": t3 - t2,
+        })
+        self._log(i, total, m, t0)
+        self._samples(batch, out, r, keep)
+        return m
+
+    def _samples(self, batch, out, r, keep) -> None:
+        c = self.run.cfg
+        if not c.log.samples_every or self.step % c.log.samples_every or not c.log.num_samples:
+            return
+        rows = []
+        for b in range(out.tokens.shape[0]):
+            for g in range(out.tokens.shape[1]):
+                if len(rows) >= c.log.num_samples or not keep[b, g]:
+                    continue
+                rows.append({"image_id": str(batch["image_id"][b]), "rollout": g,
+                             "text": out.texts[b][g], "num_gt": int(batch["num_gt"][b]),
+                             **{k: float(r[k][b, g]) for k in REWARD_KEYS + ("total",)}})
+        self.run.writer.log_samples(self.step, rows)
+
+    def train(self, steps: int | None = None) -> None:
+        total = self.run.cfg.train.steps if steps is None else steps
+        with self.run.mesh_context():
+            for i in range(total):
+                self.iteration(i, total)
+        if self.dropped_groups:
+            logging.warning("grpo: %d groups dropped (non-finite logits or rewards)",
+                            self.dropped_groups)

@@ -1,0 +1,157 @@
+"""Launch modes: ``pipeline`` (base -> SFT -> SFT+GRPO, compared), ``sft``, ``grpo``, ``eval``.
+
+Each mode owns one run directory (``--workdir``; DESIGN.md section 8):
+``config.json``, ``metrics.jsonl`` (the last object has ``"final": true`` and
+the final evaluation(s)), ``samples.jsonl``, TensorBoard events, ``export/``
+(the trained policy as a Hugging Face directory) and ``report/`` (drawings).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+from absl import logging
+
+from dipr1_jax.config import Config, replace_path, to_dict
+from dipr1_jax.train import data as train_data
+from dipr1_jax.train import state as st
+from dipr1_jax.train.loop import GRPOLoop, Run, SFTLoop
+from dipr1_jax.train.policy import export_policy as _export_policy, load_policy
+from dipr1_jax.train.writers import RunWriter, eval_table
+
+def export_policy(run: Run, model, out_dir: str) -> str:
+    d = run.cfg.data
+    return _export_policy(model, run.tokenizer, out_dir, d.min_pixels, d.max_pixels)
+
+
+TABLE_KEYS = ("format_rate", "precision", "recall", "f1", "count_mae", "reward")
+
+
+def open_run(cfg: Config, workdir: str, tokenizer=None, mesh=None) -> Run:
+    writer = RunWriter(workdir, is_main=jax.process_index() == 0,
+                       tensorboard=cfg.log.tensorboard)
+    writer.write_config(to_dict(cfg))
+    return Run(cfg, workdir, writer, tokenizer, mesh)
+
+
+def evaluate(run: Run, model, name: str, step: int = 0) -> dict:
+    """Greedy evaluation on the held-out split; logged as an ``eval`` object."""
+    from dipr1_jax.train.evaluate import evaluate_policy
+
+    c = run.cfg
+    if run.eval_data is None:
+        run.eval_data = train_data.eval_batches(c.data, run.tokenizer, c.eval.batch_size,
+                                                c.eval.num_images, c.seed)
+    t0 = time.perf_counter()
+    with run.mesh_context():
+        res = evaluate_policy(
+            model, run.eval_data, run.tokenizer, reward_cfg=c.rewards,
+            max_new_tokens=c.eval.max_new_tokens or c.rollout.max_new_tokens,
+            eos_token_ids=run.eos_ids, pad_token_id=run.tokenizer.pad_token_id, name=name,
+            report_dir=os.path.join(run.workdir, "report"), num_draw=c.eval.num_draw)
+    summary = dict(res.summary)
+    run.writer.log(step, {"eval": {name: summary}}, kind="eval")
+    if res.samples:
+        run.writer.log_samples(step, [{"eval": name, **s} for s in res.samples[:4]])
+    print(f"eval {name} ({time.perf_counter() - t0:.1f}s):\n"
+          + eval_table({name: summary}, TABLE_KEYS), flush=True)
+    return summary
+
+
+def resolve(cfg: Config, init_path: str | None = None) -> Config:
+    """Fills the config's ``auto`` values (recorded resolved in config.json)."""
+    if cfg.data.prompt_style == "auto":
+        from_ckpt = bool(init_path or cfg.model.checkpoint)
+        cfg = replace_path(cfg, "data.prompt_style", "full" if from_ckpt else "short")
+    return cfg
+
+
+def _prepare(cfg: Config, workdir: str, init_path: str | None = None):
+    mesh = st.build_mesh(cfg.mesh)
+    model, tokenizer, desc = load_policy(cfg, mesh, init_path)
+    n = sum(x.size for x in jax.tree.leaves(jax.tree.map(lambda v: v, _params(model))))
+    print(f"{cfg.mode}: {desc} ({n / 1e6:.2f}M parameters) on {jax.device_count()} "
+          f"{jax.default_backend()} device(s); workdir {workdir}", flush=True)
+    return open_run(cfg, workdir, tokenizer, mesh), model
+
+
+def _params(model):
+    from flax import nnx
+    return nnx.state(model, nnx.Param)
+
+
+def _finish(run: Run, evals: dict, extra: dict | None = None) -> None:
+    payload = {"eval": evals, **(extra or {})}
+    run.writer.final(payload)
+    run.writer.close()
+    print("final:\n" + eval_table(evals, TABLE_KEYS), flush=True)
+
+
+def run_sft(cfg: Config, workdir: str) -> dict:
+    cfg = resolve(cfg)
+    run, model = _prepare(cfg, workdir)
+    before = evaluate(run, model, "base")
+    loop = SFTLoop(run, model)
+    loop.train()
+    model = loop.model()
+    after = evaluate(run, model, "sft", loop.step)
+    export_policy(run, model, os.path.join(workdir, "export"))
+    _finish(run, {"base": before, "sft": after})
+    return {"base": before, "sft": after}
+
+
+def run_grpo(cfg: Config, workdir: str) -> dict:
+    cfg = resolve(cfg, cfg.init_from)
+    run, model = _prepare(cfg, workdir, cfg.init_from or None)
+    before = evaluate(run, model, "init")
+    loop = GRPOLoop(run, model)
+    loop.train()
+    model = loop.model()
+    after = evaluate(run, model, "grpo", loop.step)
+    export_policy(run, model, os.path.join(workdir, "export"))
+    _finish(run, {"init": before, "grpo": after})
+    return {"init": before, "grpo": after}
+
+
+def run_eval(cfg: Config, workdir: str) -> dict:
+    cfg = resolve(cfg, cfg.init_from)
+    run, model = _prepare(cfg, workdir, cfg.init_from or None)
+    name = os.path.basename(os.path.normpath(cfg.init_from)) if cfg.init_from else "model"
+    summary = evaluate(run, model, name)
+    _finish(run, {name: summary})
+    return {name: summary}
+
+
+def run_pipeline(cfg: Config, workdir: str) -> dict:
+    """Base eval -> SFT -> eval -> GRPO from the SFT policy -> eval (+ the SFT control)."""
+    cfg = resolve(cfg)
+    run, model = _prepare(cfg, workdir)
+    evals = {"base": evaluate(run, model, "base")}
+    sft = SFTLoop(run, model)
+    sft.train()
+    sft_model = sft.model()
+    evals["sft"] = evaluate(run, sft_model, "sft", sft.step)
+    export_policy(run, sft_model, os.path.join(workdir, "export", "sft"))
+    grpo = GRPOLoop(run, sft_model)
+    grpo.train()
+    grpo_model = grpo.model()
+    evals["sft+grpo"] = evaluate(run, grpo_model, "sft+grpo", grpo.step)
+    export_policy(run, grpo_model, os.path.join(workdir, "export"))
+    extra = {"seconds": {"sft": sft.elapsed, "grpo": grpo.elapsed}}
+    if cfg.control:
+        # Control: SFT continued from its own state for the wall time GRPO took.
+        before = sft.step
+        sft.train(seconds=grpo.elapsed)
+        evals["sft-continued"] = evaluate(run, sft.model(), "sft-continued", sft.step)
+        extra["control_sft_steps"] = sft.step - before
+    _finish(run, evals, extra)
+    with open(os.path.join(workdir, "report", "summary.json"), "w") as f:
+        json.dump({"eval": evals, **extra}, f, indent=2)
+    logging.info("pipeline done: %s", workdir)
+    return evals
+
+
+MODES = {"pipeline": run_pipeline, "sft": run_sft, "grpo": run_grpo, "eval": run_eval}

@@ -1,0 +1,134 @@
+"""Train state: the policy split into trainable and frozen parameters, optax AdamW, shardings.
+
+The model is split once (``nnx.split``) into a static graph definition and two
+parameter groups, ``visual`` (the vision tower) and ``text`` (everything
+else). ``freeze_vision`` moves ``visual`` out of the trainable set: it then
+gets no gradient and no optimizer state. Step functions are pure: they take
+``TrainState`` (donated), the frozen parameters and a batch, and return a new
+state; the model object is rebuilt inside with ``nnx.merge``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from dipr1_jax import sharding as shd
+from dipr1_jax.config import MeshSection, OptimSection
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # int32 scalar
+    params: Any  # {"visual": nnx.State, "text": nnx.State} minus the frozen groups
+    opt_state: Any
+
+
+class Policy(NamedTuple):
+    """A model as ``graphdef`` + parameter groups (``{"visual": ..., "text": ...}``)."""
+
+    graphdef: Any
+    groups: dict
+
+    @staticmethod
+    def from_model(model) -> "Policy":
+        graphdef, visual, text = nnx.split(model, nnx.PathContains("visual"), ...)
+        return Policy(graphdef, {"visual": visual, "text": text})
+
+    def split(self, freeze_vision: bool) -> tuple[dict, dict]:
+        """``(trainable, frozen)`` parameter groups."""
+        if freeze_vision:
+            return {"text": self.groups["text"]}, {"visual": self.groups["visual"]}
+        return dict(self.groups), {}
+
+
+def merge(graphdef, trainable: dict, frozen: dict):
+    """The ``QwenVL`` of a graph definition and its parameter groups."""
+    groups = {**frozen, **trainable}
+    return nnx.merge(graphdef, groups["visual"], groups["text"])
+
+
+def make_optimizer(cfg: OptimSection, total_steps: int) -> optax.GradientTransformation:
+    """AdamW, linear warmup from lr / (warmup + 1) then cosine decay to ``end_lr_ratio``."""
+    lr = cfg.learning_rate
+    warmup = cfg.warmup_steps
+    decay = max(total_steps, warmup + 1)
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=lr / (warmup + 1), peak_value=lr, warmup_steps=warmup, decay_steps=decay,
+        end_value=lr * cfg.end_lr_ratio)
+    parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
+    parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay))
+    return optax.chain(*parts), schedule
+
+
+def build_mesh(cfg: MeshSection):
+    """The device mesh of the config, or None on a single device."""
+    devices = jax.devices()
+    if cfg.devices:
+        if cfg.devices > len(devices):
+            raise ValueError(f"mesh.devices={cfg.devices} but only {len(devices)} devices exist")
+        devices = devices[:cfg.devices]
+    if len(devices) == 1:
+        return None
+    return shd.make_mesh(cfg.data, cfg.fsdp, cfg.tensor, devices=devices)
+
+
+def shardings_of(tree):
+    return jax.tree.map(lambda x: x.sharding, tree)
+
+
+class HashableTree:
+    """A pytree of shardings usable as an ``lru_cache`` key (by structure and leaves)."""
+
+    def __init__(self, tree):
+        self.tree = tree
+        leaves, treedef = jax.tree.flatten(tree)
+        self._key = (treedef, tuple(leaves))
+
+    def __hash__(self):
+        return hash(self._key)
+
+    def __eq__(self, other):
+        return isinstance(other, HashableTree) and self._key == other._key
+
+
+def hashable_shardings(tree) -> HashableTree:
+    return HashableTree(shardings_of(tree))
+
+
+def init_state(trainable: dict, optimizer: optax.GradientTransformation, mesh=None) -> TrainState:
+    """A step-0 state; optimizer moments take the parameters' shardings, scalars (step,
+    optimizer counts) are replicated over the mesh."""
+    opt_state = jax.jit(optimizer.init)(trainable)
+    state = TrainState(jnp.zeros((), jnp.int32), trainable, opt_state)
+    if mesh is None:
+        return state
+    rep = NamedSharding(mesh, P())
+    return jax.tree.map(
+        lambda x: x if isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
+        else jax.device_put(x, rep), state)
+
+
+def put_batch(tree: dict, mesh, batch_axis: int = 0) -> dict:
+    """Host arrays onto the mesh: the prompt axis (``batch_axis``) split over
+    ``('data', 'fsdp')`` when it divides, everything else replicated."""
+    if mesh is None:
+        return jax.tree.map(jnp.asarray, tree)
+    out = {}
+    for key, value in tree.items():
+        value = np.asarray(value)
+        axes = [None] * value.ndim
+        if key != "pixel_values" and value.ndim > batch_axis:
+            axes[batch_axis] = "batch"
+        spec = shd.logical_to_spec(tuple(axes), value.shape, mesh)
+        out[key] = jax.device_put(value, NamedSharding(mesh, spec))
+    return out
+
+
+def replicated(mesh):
+    return None if mesh is None else NamedSharding(mesh, P())

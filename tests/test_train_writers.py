@@ -1,0 +1,260 @@
+"""Tests for dipr1_jax.train.writers: run-directory files, TensorBoard, console text."""
+
+import glob
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from dipr1_jax.train import writers as W
+
+
+def _lines(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f.read().splitlines()]
+
+
+def _write_run(workdir):
+    with W.RunWriter(workdir) as w:
+        w.write_config({"b": 2, "a": {"lr": 1e-5}})
+        w.log(1, {"loss": np.float32(0.5), "kl": 0.25, "n": np.int64(7)})
+        w.log(2, {"loss": float("nan"), "kl": np.float64(0.125), "note": "hi"})
+        w.log(2, {"eval": {"base": {"f1": 0.75, "count_mae": np.float32("inf")},
+                           "sft": {"f1": 0.8125}}}, kind="eval")
+        w.log_samples(2, [{"completion": "<answer>[]</answer>", "reward": np.float32(1.5)}])
+        w.final({"best_f1": 0.8125})
+
+
+def test_metrics_jsonl_round_trip(tmp_path):
+    _write_run(tmp_path)
+    recs = _lines(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in recs] == [1, 2, 2, 2]
+    assert [r["kind"] for r in recs] == ["train", "train", "eval", "final"]
+    assert recs[0]["loss"] == 0.5 and recs[0]["kl"] == 0.25 and recs[0]["n"] == 7
+    assert isinstance(recs[0]["n"], int)
+    assert recs[1]["loss"] is None and recs[1]["kl"] == 0.125 and recs[1]["note"] == "hi"
+    assert recs[2]["eval"] == {"base": {"f1": 0.75, "count_mae": None}, "sft": {"f1": 0.8125}}
+    assert all(abs(r["time"] - recs[0]["time"]) < 60 for r in recs)
+    assert recs[-1]["final"] is True and recs[-1]["best_f1"] == 0.8125
+    assert not any(r.get("final") for r in recs[:-1])
+    assert W.read_metrics(tmp_path) == recs
+    # The file is strict JSON (no NaN/Infinity tokens).
+    text = (tmp_path / "metrics.jsonl").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    cfg_text = (tmp_path / "config.json").read_text()
+    assert json.loads(cfg_text) == {"a": {"lr": 1e-5}, "b": 2}
+    assert cfg_text.index('"a"') < cfg_text.index('"b"') and "\n  " in cfg_text
+    samples = _lines(tmp_path / "samples.jsonl")
+    assert samples == [{"step": 2, "completion": "<answer>[]</answer>", "reward": 1.5}]
+
+
+def test_jax_scalars_are_converted(tmp_path):
+    import jax.numpy as jnp
+    with W.RunWriter(tmp_path, tensorboard=False) as w:
+        w.log(3, {"a": jnp.float32(2.5), "b": jnp.bfloat16(1.5), "c": jnp.array([1, 2]),
+                  "d": jnp.float32(jnp.nan)})
+    (rec,) = W.read_metrics(tmp_path)
+    assert (rec["a"], rec["b"], rec["c"], rec["d"]) == (2.5, 1.5, [1, 2], None)
+    assert glob.glob(str(tmp_path / "events.out.tfevents*")) == []
+
+
+def test_log_is_flushed_immediately(tmp_path):
+    w = W.RunWriter(tmp_path, tensorboard=False)
+    w.log(5, {"x": 1.0})
+    # Read while the writer is still open: the record must already be on disk.
+    assert [r["x"] for r in _lines(tmp_path / "metrics.jsonl")] == [1.0]
+    w.close()
+
+
+def test_reserved_metric_names_rejected(tmp_path):
+    with W.RunWriter(tmp_path, tensorboard=False) as w:
+        with pytest.raises(ValueError, match="reserved"):
+            w.log(1, {"step": 3})
+    assert W.read_metrics(tmp_path) == []
+
+
+def test_tensorboard_scalars_read_back(tmp_path):
+    from tensorboard.backend.event_processing import event_accumulator
+    _write_run(tmp_path)
+    assert glob.glob(str(tmp_path / "events.out.tfevents*"))
+    acc = event_accumulator.EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/kl", "train/n", "eval/eval/base/f1",
+            "eval/eval/sft/f1", "final/best_f1"} <= tags
+    assert "eval/eval/base/count_mae" not in tags  # inf skipped
+    assert not any(t.endswith(("/step", "/time", "/note", "/final")) for t in tags)
+
+    def series(tag):
+        return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+    loss = series("train/loss")
+    assert [s for s, _ in loss] == [1]  # the NaN at step 2 was skipped
+    assert loss[0][1] == pytest.approx(0.5, rel=1e-6)
+    kl = series("train/kl")
+    assert [s for s, _ in kl] == [1, 2]
+    assert [v for _, v in kl] == pytest.approx([0.25, 0.125], rel=1e-6)
+    assert series("train/n") == [(1, pytest.approx(7.0))]
+    assert series("eval/eval/sft/f1") == [(2, pytest.approx(0.8125, rel=1e-6))]
+    assert series("final/best_f1") == [(2, pytest.approx(0.8125, rel=1e-6))]
+
+
+def test_unwritable_workdir_fails_at_construction(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    bad = blocker / "run"
+    with pytest.raises(W.WorkdirError, match="a_file/run") as info:
+        W.RunWriter(bad)
+    assert isinstance(info.value, OSError)
+    with pytest.raises(OSError, match="a_file"):
+        W.RunWriter(blocker)
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0,
+                    reason="root ignores directory permissions")
+def test_read_only_workdir_fails_at_construction(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        with pytest.raises(W.WorkdirError, match="ro"):
+            W.RunWriter(ro)
+    finally:
+        ro.chmod(0o755)
+
+
+def test_non_main_process_writes_nothing(tmp_path):
+    run = tmp_path / "run"
+    with W.RunWriter(run, is_main=False) as w:
+        w.write_config({"a": 1})
+        w.log(1, {"loss": 1.0})
+        w.log_samples(1, [{"x": 1}])
+        w.final({"f1": 1.0})
+        w.flush()
+    assert not run.exists()
+    assert os.listdir(tmp_path) == []
+    # Even an unwritable path is fine off the main process.
+    blocker = tmp_path / "f"
+    blocker.write_text("")
+    W.RunWriter(blocker / "run", is_main=False).close()
+
+
+def test_read_metrics_tolerates_truncated_last_line(tmp_path):
+    with W.RunWriter(tmp_path, tensorboard=False) as w:
+        w.log(1, {"loss": 1.0})
+        w.log(2, {"loss": 0.5})
+    path = tmp_path / "metrics.jsonl"
+    with open(path, "a") as f:
+        f.write('{"step": 3, "kind": "train", "lo')
+    with pytest.warns(UserWarning, match="truncated"):
+        recs = W.read_metrics(tmp_path)
+    assert [(r["step"], r["loss"]) for r in recs] == [(1, 1.0), (2, 0.5)]
+    # A bad line in the middle is an error naming the file and line.
+    path.write_text('{"step": 1}\n{bad\n{"step": 2}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2"):
+        W.read_metrics(tmp_path)
+    assert W.read_metrics(tmp_path / "missing") == []
+
+
+def test_reopen_repairs_torn_line_and_purges(tmp_path):
+    with W.RunWriter(tmp_path, tensorboard=False) as w:
+        for s in (1, 2, 3):
+            w.log(s, {"loss": float(s)})
+        w.log_samples(3, [{"x": 3}])
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')
+    with pytest.warns(UserWarning, match="truncated"):
+        w = W.RunWriter(tmp_path, tensorboard=False)
+    w.log(4, {"loss": 4.0})
+    w.close()
+    assert [r["step"] for r in _lines(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
+    # Resuming from a checkpoint at step 3 drops the records of steps >= 3.
+    with W.RunWriter(tmp_path, tensorboard=False, purge_step=3) as w:
+        w.log(3, {"loss": 30.0})
+    assert [(r["step"], r["loss"]) for r in W.read_metrics(tmp_path)] == [
+        (1, 1.0), (2, 2.0), (3, 30.0)]
+    assert _lines(tmp_path / "samples.jsonl") == []
+
+
+def test_purge_step_also_purges_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing import event_accumulator
+    with W.RunWriter(tmp_path) as w:
+        for s in (1, 2, 3, 4):
+            w.log(s, {"loss": float(s)})
+    with W.RunWriter(tmp_path) as w:  # reopened within the same second
+        w.log(5, {"loss": 5.0})
+    with W.RunWriter(tmp_path, purge_step=3) as w:
+        w.log(3, {"loss": 30.0})
+    assert len(glob.glob(str(tmp_path / "events.out.tfevents*"))) == 3
+    acc = event_accumulator.EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    acc.Reload()
+    got = [(e.step, e.value) for e in acc.Scalars("train/loss")]
+    assert got == [(1, 1.0), (2, 2.0), (3, 30.0)]
+    assert [r["step"] for r in W.read_metrics(tmp_path)] == [1, 2, 3]
+
+
+def test_format_duration():
+    assert W.format_duration(0) == "0s"
+    assert W.format_duration(45.4) == "45s"
+    assert W.format_duration(59.6) == "1m00s"
+    assert W.format_duration(192) == "3m12s"
+    assert W.format_duration(3720) == "1h02m"
+    assert W.format_duration(2 * 86400 + 3 * 3600 + 5) == "2d03h"
+    assert W.format_duration(float("nan")) == "-"
+    assert W.format_duration(None) == "-"
+    assert W.format_duration(-1) == "-"
+
+
+def test_step_line_full():
+    m = {"reward": np.float32(1.234), "reward/format": 0.98, "reward/look": 0.12,
+         "reward/accuracy": 0.45, "kl": 0.0012, "clip_fraction": 0.03,
+         "completion_len": 84.3, "tokens_per_s": 1234.4, "time/rollout": 1.23,
+         "time/reward": 0.1, "time/update": 0.84}
+    line = W.step_line(12, 200, m, elapsed_s=65, eta_s=192)
+    assert line == ("grpo 12/200 | reward 1.234 (fmt 0.98 look 0.12 acc 0.45) | "
+                    "kl 0.0012 clip 0.03 | len 84 | 1234 tok/s | "
+                    "rollout 1.2s reward 0.1s update 0.8s | 1m05s eta 3m12s")
+    assert "\n" not in line
+
+
+def test_step_line_missing_keys_nan_and_nesting():
+    line = W.step_line(3, 10, {"reward": {"total": float("nan"), "look": 0.5}, "kl": 0.5},
+                       elapsed_s=None, eta_s=float("nan"), kind="sft")
+    assert line == "sft 3/10 | reward - (look 0.5) | kl 0.5 | - eta -"
+    line = W.step_line(1, 5, {"loss": 2.0}, elapsed_s=1, eta_s=4)
+    assert line == "grpo 1/5 | loss 2 | 1s eta 4s"
+    assert "reward" not in line and "tok/s" not in line
+    assert W.step_line(0, 0, {}, elapsed_s=0, eta_s=0) == "grpo 0/0 | 0s eta 0s"
+
+
+def test_eval_table():
+    rows = {
+        "base": {"format_rate": 0.5, "precision": 0.25, "recall": float("nan"),
+                 "f1": None, "count_mae": 12.5, "reward": np.float32(1.0)},
+        "sft+grpo": {"format_rate": 1.0, "precision": 0.875, "recall": 0.5, "f1": 0.625,
+                     "count_mae": 3, "reward": 2.5},
+        "sft": {"f1": 0.5},
+    }
+    table = W.eval_table(rows)
+    lines = table.split("\n")
+    assert len(lines) == 2 + 3
+    assert len({len(line) for line in lines}) == 1  # fixed width
+    header = lines[0].split()
+    assert header == ["model", "format_rate", "precision", "recall", "f1", "count_mae", "reward"]
+    assert set(lines[1].replace(" ", "")) == {"-"}
+    base, sg, sft = (line.split() for line in lines[2:])
+    assert base == ["base", "0.5000", "0.2500", "-", "-", "12.5000", "1.0000"]
+    assert sg == ["sft+grpo", "1.0000", "0.8750", "0.5000", "0.6250", "3", "2.5000"]
+    assert sft == ["sft", "-", "-", "-", "0.5000", "-", "-"]
+    # Columns are right-aligned: every cell of a column ends where its header ends.
+    for col in header[1:]:
+        end = lines[0].index(col) + len(col)
+        for line in lines[2:]:
+            assert line[end - 1] != " " and (end == len(line) or line[end] == " ")
+    # Custom key subset and order.
+    small = W.eval_table(rows, keys=("f1", "recall")).split("\n")
+    assert small[0].split() == ["model", "f1", "recall"]
+    assert small[3].split() == ["sft+grpo", "0.6250", "0.5000"]
+    assert math.isnan(rows["base"]["recall"])  # input not modified

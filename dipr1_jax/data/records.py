@@ -304,3 +304,13 @@ def as_record(item: Record | dict) -> Record:
         if d.get(key) is not None:
             d[key] = _text(d[key])
     return Record(image=image, **d)
+
+
+def find_dir(root: str, predicate) -> str | None:
+    """First folder under ``root`` (root first, then depth-first, sorted) whose path
+    satisfies ``predicate`` (the readers' and builders' way to locate image folders)."""
+    for dirpath, dirnames, _ in os.walk(root):
+        dirnames.sort()
+        if predicate(dirpath):
+            return dirpath
+    return None

@@ -48,7 +48,7 @@ from etils import epath
 
 from dipr1_jax.data.citypersons import read_citypersons
 from dipr1_jax.data.crowdhuman import read_crowdhuman
-from dipr1_jax.data.records import Record
+from dipr1_jax.data.records import Record, find_dir
 from dipr1_jax.data.synthetic import SceneConfig, SyntheticCrowds
 from dipr1_jax.data.uavdt import read_uavdt
 from dipr1_jax.data.widerped import read_widerped
@@ -114,13 +114,7 @@ def _open(dl_manager, manual: str, name: str) -> str | None:
     return stem if os.path.exists(stem) else None
 
 
-def _find(root: str, predicate) -> str | None:
-    """First folder under ``root`` (depth-first, sorted) whose path satisfies ``predicate``."""
-    for dirpath, dirnames, _ in os.walk(root):
-        dirnames.sort()
-        if predicate(dirpath):
-            return dirpath
-    return None
+_find = find_dir
 
 
 def _missing(manual: str, what: str):

@@ -18,6 +18,7 @@ from absl import logging
 
 from dipr1_jax.config import DataSection
 from dipr1_jax.data.pipeline import PipelineConfig, make_dataset
+from dipr1_jax.data.records import find_dir
 
 # Seed offsets of the synthetic splits (the held-out scenes never appear in training).
 _SPLIT_SEEDS = {"train": 0, "val": 1_000_003, "test": 2_000_003}
@@ -161,15 +162,6 @@ def citypersons_split(root: str, split: str):
     return read_citypersons(ann, images)
 
 
-def _find_dir(root: str, predicate) -> str | None:
-    """First folder under ``root`` (root first, then depth-first, sorted) where ``predicate``."""
-    for dirpath, dirnames, _ in os.walk(root):
-        dirnames.sort()
-        if predicate(dirpath):
-            return dirpath
-    return None
-
-
 def widerped_split(root: str, split: str):
     from dipr1_jax.data.widerped import read_widerped
 
@@ -182,7 +174,7 @@ def widerped_split(root: str, split: str):
         raise ValueError(f"data.root={root}: {ann} lists no images")
     image_dir = os.path.join(root, split)  # e.g. train.zip holds train/<name>.jpg
     if not os.path.isfile(os.path.join(image_dir, first)):
-        image_dir = _find_dir(root, lambda p: os.path.isfile(os.path.join(p, first)))
+        image_dir = find_dir(root, lambda p: os.path.isfile(os.path.join(p, first)))
     if image_dir is None:
         raise FileNotFoundError(f"data.root={root}: no folder under it holds {first} "
                                 f"(the first image listed in {ann})")

@@ -84,6 +84,11 @@ class _Loop:
     def model(self):
         return st.merge(self.policy.graphdef, self.state.params, self.frozen)
 
+    def _maybe_eval(self, on_eval, i: int, total: int) -> None:
+        every = self.run.cfg.eval.every
+        if on_eval is not None and every and self.step % every == 0 and i != total - 1:
+            on_eval(self)
+
     def _log(self, i: int, total: int, metrics: dict, t0: float) -> None:
         cfg = self.run.cfg
         step = self.step
@@ -118,8 +123,9 @@ class SFTLoop(_Loop):
                for t, v in zip(texts, batch["valid"])]
         return tb.sft_batch(batch, ids, tok.pad_token_id)
 
-    def train(self, steps: int | None = None, seconds: float | None = None) -> None:
-        """``steps`` updates, or as many as fit in ``seconds`` of wall time."""
+    def train(self, steps: int | None = None, seconds: float | None = None, on_eval=None) -> None:
+        """``steps`` updates, or as many as fit in ``seconds`` of wall time; ``on_eval(loop)``
+        every ``eval.every`` steps (not after the last: the caller evaluates the result)."""
         total = steps if steps is not None else self.run.cfg.sft.steps
         with self.run.mesh_context():
             i = 0
@@ -138,6 +144,8 @@ class SFTLoop(_Loop):
                 if seconds is not None:  # a time budget: show progress against it
                     m["budget_left_s"] = max(0.0, seconds - (time.perf_counter() - start))
                 self._log(i, total if seconds is None else i + 1, m, t0)
+                if seconds is None:
+                    self._maybe_eval(on_eval, i, total)
                 i += 1
 
 
@@ -250,11 +258,12 @@ class GRPOLoop(_Loop):
                              **{k: float(r[k][b, g]) for k in REWARD_KEYS + ("total",)}})
         self.run.writer.log_samples(self.step, rows)
 
-    def train(self, steps: int | None = None) -> None:
+    def train(self, steps: int | None = None, on_eval=None) -> None:
         total = self.run.cfg.train.steps if steps is None else steps
         with self.run.mesh_context():
             for i in range(total):
                 self.iteration(i, total)
+                self._maybe_eval(on_eval, i, total)
         if self.dropped_groups:
             logging.warning("grpo: %d groups dropped (non-finite logits or rewards)",
                             self.dropped_groups)

@@ -69,6 +69,11 @@ def resolve(cfg: Config, init_path: str | None = None) -> Config:
     return cfg
 
 
+def _periodic(run: Run, name: str):
+    """``on_eval`` callback of the loops: evaluates the current policy as ``name@step``."""
+    return lambda loop: evaluate(run, loop.model(), f"{name}@{loop.step}", loop.step)
+
+
 def _prepare(cfg: Config, workdir: str, init_path: str | None = None):
     mesh = st.build_mesh(cfg.mesh)
     model, tokenizer, desc = load_policy(cfg, mesh, init_path)
@@ -90,30 +95,27 @@ def _finish(run: Run, evals: dict, extra: dict | None = None) -> None:
     print("final:\n" + eval_table(evals, TABLE_KEYS), flush=True)
 
 
-def run_sft(cfg: Config, workdir: str) -> dict:
-    cfg = resolve(cfg)
-    run, model = _prepare(cfg, workdir)
-    before = evaluate(run, model, "base")
-    loop = SFTLoop(run, model)
-    loop.train()
+def _train_mode(cfg: Config, workdir: str, loop_cls, init_path: str | None,
+                before_name: str, after_name: str) -> dict:
+    """Evaluate, train with ``loop_cls``, evaluate, export: the ``sft`` and ``grpo`` modes."""
+    cfg = resolve(cfg, init_path)
+    run, model = _prepare(cfg, workdir, init_path)
+    evals = {before_name: evaluate(run, model, before_name)}
+    loop = loop_cls(run, model)
+    loop.train(on_eval=_periodic(run, after_name))
     model = loop.model()
-    after = evaluate(run, model, "sft", loop.step)
+    evals[after_name] = evaluate(run, model, after_name, loop.step)
     export_policy(run, model, os.path.join(workdir, "export"))
-    _finish(run, {"base": before, "sft": after})
-    return {"base": before, "sft": after}
+    _finish(run, evals)
+    return evals
+
+
+def run_sft(cfg: Config, workdir: str) -> dict:
+    return _train_mode(cfg, workdir, SFTLoop, None, "base", "sft")
 
 
 def run_grpo(cfg: Config, workdir: str) -> dict:
-    cfg = resolve(cfg, cfg.init_from)
-    run, model = _prepare(cfg, workdir, cfg.init_from or None)
-    before = evaluate(run, model, "init")
-    loop = GRPOLoop(run, model)
-    loop.train()
-    model = loop.model()
-    after = evaluate(run, model, "grpo", loop.step)
-    export_policy(run, model, os.path.join(workdir, "export"))
-    _finish(run, {"init": before, "grpo": after})
-    return {"init": before, "grpo": after}
+    return _train_mode(cfg, workdir, GRPOLoop, cfg.init_from or None, "init", "grpo")
 
 
 def run_eval(cfg: Config, workdir: str) -> dict:
@@ -131,12 +133,12 @@ def run_pipeline(cfg: Config, workdir: str) -> dict:
     run, model = _prepare(cfg, workdir)
     evals = {"base": evaluate(run, model, "base")}
     sft = SFTLoop(run, model)
-    sft.train()
+    sft.train(on_eval=_periodic(run, "sft"))
     sft_model = sft.model()
     evals["sft"] = evaluate(run, sft_model, "sft", sft.step)
     export_policy(run, sft_model, os.path.join(workdir, "export", "sft"))
     grpo = GRPOLoop(run, sft_model)
-    grpo.train()
+    grpo.train(on_eval=_periodic(run, "sft+grpo"))
     grpo_model = grpo.model()
     evals["sft+grpo"] = evaluate(run, grpo_model, "sft+grpo", grpo.step)
     export_policy(run, grpo_model, os.path.join(workdir, "export"))

@@ -221,7 +221,7 @@ class DataSection(_Validated):
     synthetic_width: int = _f(112, "synthetic: image width")
     synthetic_height: int = _f(112, "synthetic: image height")
     synthetic_difficulty: Literal["easy", "medium", "hard"] = _f("easy", "synthetic: crowd density")
-    synthetic_max_people: int = _f(3, "synthetic: people per image are drawn in [1, this] "
+    synthetic_max_people: int = _f(2, "synthetic: people per image are drawn in [1, this] "
                                       "(0: the difficulty's range)")
 
     def validate(self):
@@ -244,7 +244,7 @@ class DataSection(_Validated):
 class RolloutSection(_Validated):
     """Sampling of the G completions per prompt (GRPO)."""
 
-    max_new_tokens: int = _f(96, "completion budget in tokens")
+    max_new_tokens: int = _f(72, "completion budget in tokens")
     temperature: float = _f(1.0, "sampling temperature (the log-probs use the same)")
     top_p: float = _f(1.0, "nucleus truncation")
     top_k: int = _f(0, "top-k truncation (0: off)")
@@ -282,7 +282,7 @@ class TrainSection(_Validated):
     """The GRPO loop."""
 
     steps: int = _f(60, "GRPO iterations")
-    batch_size: int = _f(8, "prompts per step (global)")
+    batch_size: int = _f(4, "prompts per step (global)")
     micro_batch_size: int = _f(0, "prompts per gradient micro-batch (whole groups; 0: all)")
     freeze_vision: bool = _f(False, "no gradients / optimizer state for the vision tower")
     optim: OptimSection = dataclasses.field(

@@ -1,11 +1,12 @@
 """The training forward: log-probs of completions with the vision tower run once per prompt.
 
 A GRPO batch holds ``B`` prompts and ``G`` completions each. The public
-trainers (TRL, VLM-R1) repeat every image G times and run the vision tower on
-each copy; here the prompt is encoded once (vision tower, image-token
-scatter, M-RoPE positions) and its embeddings are broadcast to the G rows of
-its group, so gradients from all G completions flow back into the one shared
-encoding. The joined sequence of row ``(b, g)`` is the left-padded prompt of
+trainers (TRL, VLM-R1) repeat every prompt and image G times and run the
+vision tower and the decoder on each copy; here the prompt is processed once
+(vision tower, image-token scatter, M-RoPE positions, and the decoder over the
+prompt, whose keys/values are shared by the G completion rows of its group:
+causal attention makes them independent of the completions), so gradients from
+all G completions flow back into the one shared prompt computation. The joined sequence of row ``(b, g)`` is the left-padded prompt of
 ``b`` followed by completion ``g`` (right-padded after its stop token); the
 completion tokens take M-RoPE position ``max(prompt positions) + 1 + step`` on
 all three sections, exactly as :mod:`dipr1_jax.sampler` fed them, so the
@@ -18,9 +19,9 @@ prompt and image positions), in float32 and in sequence chunks
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
+from dipr1_jax.model.decoder import KVCache
 from dipr1_jax.model.logprobs import token_logprobs
 
 
@@ -50,18 +51,22 @@ def completion_logprobs(model, input_ids, attention_mask, pixel_values, image_gr
     Tp = input_ids.shape[1]
     emb, pos, next_pos = encode_prompts(model, input_ids, attention_mask, pixel_values,
                                         image_grid_thw)
-    D = emb.shape[-1]
-    prompt_emb = jnp.broadcast_to(emb[:, None], (B, G, Tp, D)).reshape(B * G, Tp, D)
+    # The prompt runs through the decoder once per prompt, writing its keys/values into a
+    # cache of Tp + Tc slots; the cache is repeated to the G rows of the group (gradients
+    # of the G completions sum into it) and the completions attend to it.
+    S = Tp + Tc
+    pmask = jnp.zeros((B, S), bool).at[:, :Tp].set(attention_mask.astype(bool))
+    hidden_p, cache = model.decoder(emb, pos, pmask, model.init_cache(B, S))
+    cache = KVCache(jnp.repeat(cache.k, G, axis=1), jnp.repeat(cache.v, G, axis=1), cache.index)
     comp = completion.reshape(B * G, Tc)
-    x = jnp.concatenate([prompt_emb, model.embed(comp).astype(prompt_emb.dtype)], axis=1)
-    ppos = jnp.broadcast_to(pos[:, :, None], (3, B, G, Tp)).reshape(3, B * G, Tp)
     cpos = next_pos[:, None] + jnp.arange(Tc, dtype=pos.dtype)[None]  # [B, Tc]
     cpos = jnp.broadcast_to(cpos[None, :, None], (3, B, G, Tc)).reshape(3, B * G, Tc)
-    positions = jnp.concatenate([ppos, cpos], axis=-1)
     mask = jnp.concatenate([jnp.repeat(attention_mask.astype(bool), G, axis=0),
                             completion_mask.reshape(B * G, Tc).astype(bool)], axis=1)
-    hidden, _ = model.decoder(x, positions, mask)
-    h = jax.lax.slice_in_dim(hidden, Tp - 1, Tp + Tc - 1, axis=1)
+    hidden_c, _ = model.decoder(model.embed(comp), cpos, mask, cache)
+    # Token t of a completion is predicted from the hidden state before it: the prompt's
+    # last one (left padding: the last slot is real) for t = 0, then the completion's.
+    h = jnp.concatenate([jnp.repeat(hidden_p[:, -1:], G, axis=0), hidden_c[:, :-1]], axis=1)
     lp = token_logprobs(h, model.decoder.lm_head_kernel(), comp, chunk_size=chunk_size,
                         temperature=temperature, compute_dtype=h.dtype)
     return lp.reshape(B, G, Tc)

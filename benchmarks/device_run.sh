@@ -28,3 +28,6 @@ timeout "${SCAN_TIMEOUT:-150}" python3 benchmarks/model_bench.py --device --scan
   2>&1 | grep --line-buffered -v Warning | tee "$OUT/model_bench_scan.txt"
 timeout "${NOSCAN_TIMEOUT:-150}" python3 benchmarks/model_bench.py --device --scan off --steps 5 \
   2>&1 | grep --line-buffered -v Warning | tee "$OUT/model_bench_noscan.txt"
+# One GRPO iteration of the 3B (ours, then TRL on the same card when trl is installed there).
+timeout "${TRAIN_TIMEOUT:-420}" python3 benchmarks/train_bench.py --device 2>&1 \
+  | grep --line-buffered -v Warning | tee "$OUT/train_bench.txt"

@@ -24,6 +24,10 @@ from __future__ import annotations
 
 import argparse
 import os
+
+# torch's OpenMP threads spin-wait by default; on a loaded 2-core machine that makes the
+# torch baseline measure the load (see BUILD_NOTES, Benchmarks/Trainer).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import sys
 import tempfile
 import time

@@ -2,7 +2,7 @@
 
     python benchmarks/train_bench.py                          # tiny and bench-100m, CPU
     python benchmarks/train_bench.py --models tiny --iters 5
-    python benchmarks/train_bench.py --device                 # qwen2.5-vl-3b on a GPU, TRL on the same card
+    python benchmarks/train_bench.py --device                 # qwen2.5-vl-3b, GPU (TRL too)
 
 Both sides train the same model configuration from the same weights (our
 random init, exported with ``save_hf`` and loaded by transformers), on the
@@ -11,7 +11,8 @@ short Think-Look-Answer prompt (the token ids are checked equal), the same
 group size G, batch of B prompts, completion length and reward (our
 ``parse_completions`` + ``dip_rewards`` on the decoded completions), beta =
 0.04 (reference log-probs are part of the update), mu = 1, temperature 1,
-no top-k/top-p, AdamW with global-norm clipping.
+no top-k/top-p, AdamW with global-norm clipping, no activation checkpointing
+(TRL's default ``gradient_checkpointing=True`` is turned off to match).
 
 * ours: ``dipr1_jax.train.loop.GRPOLoop.iteration`` (the trainer's own
   iteration, ``time/rollout``, ``time/reward``, ``time/update``), with the
@@ -29,9 +30,13 @@ no top-k/top-p, AdamW with global-norm clipping.
 
 Every completion runs its full length on both sides (ours: a stop id no token
 equals; TRL: ``min_new_tokens``), so both decode and train on B*G*N tokens.
-Compilation is excluded (``--warmup`` iterations first); the median of
-``--iters`` iterations is printed per phase with the ratio trl/ours (> 1: ours
-faster).
+Compilation is excluded (``--warmup`` iterations of ours first); then TRL's
+and our timed iterations alternate (TRL, ours, TRL, ours, ...) so both see
+the same machine load, and the median of ``--iters`` iterations is printed
+per phase with the ratio trl/ours (> 1: ours faster). torch runs with
+``OMP_WAIT_POLICY=PASSIVE``: with libgomp's default spinning, a small linear
+layer took 8 ms instead of 0.06 ms on this shared 2-core machine while another
+job ran (TRL 17x slower end to end), which measures the load, not TRL.
 
 ``--device``: the ``qwen2.5-vl-3b`` architecture (the shipped tokenizer's
 special ids, random weights), bf16 compute with float32 parameters on both
@@ -44,6 +49,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -66,13 +72,12 @@ def bench_config(a, name: str, device: bool):
     from dipr1_jax.config import (Config, DataSection, GRPOConfig, LogSection, MeshSection,
                                   ModelSection, RolloutSection, TrainSection)
     from dipr1_jax.data import preprocess as pp
-    from dipr1_jax.model.config import PRESETS
 
     w, h = a.image
     rh, rw = pp.smart_resize(h, w)
     patches = (rh // 14) * (rw // 14) if a.vision_max_patches < 0 else a.vision_max_patches
     model = ModelSection(
-        preset=name if name in PRESETS else "tiny",
+        preset=name,
         dtype="bfloat16" if device else "float32", param_dtype="float32",
         vision_max_patches=patches)  # per-image layout by default (what training should set)
     return Config(
@@ -135,7 +140,7 @@ class OursBench:
                 return list(NEVER)
 
         self.cfg = cfg
-        workdir = tempfile.mkdtemp(prefix="train_bench_ours_")
+        self.workdir = workdir = tempfile.mkdtemp(prefix="train_bench_ours_")
         self.run = BenchRun(cfg, workdir, RunWriter(workdir, is_main=True, tensorboard=False),
                             tokenizer)
         self.loop = GRPOLoop(self.run, model)
@@ -177,6 +182,7 @@ class OursBench:
 
     def result(self) -> dict:
         self.run.writer.close()
+        shutil.rmtree(self.workdir, ignore_errors=True)
         return {"rows": [r for r in self.rows if r is not None], "warmup_s": self.warmup_s}
 
 
@@ -229,7 +235,8 @@ def trl_dataset(cfg, tokenizer, processor, n: int):
                                                 tokenize=True, return_dict=True)
             ids = list(np.asarray(got["input_ids"][0]))
             if ids != list(ex["input_ids"]):
-                raise AssertionError(f"TRL prompt ids differ from ours:\n{ids}\n{list(ex['input_ids'])}")
+                raise AssertionError(f"TRL prompt ids differ from ours:\n{ids}\n"
+                                     f"{list(ex['input_ids'])}")
             diff = np.abs(np.asarray(got["pixel_values"]) - ex["pixel_values"]).max()
             if diff > 1e-4:
                 raise AssertionError(f"TRL pixel values differ from ours by {diff}")
@@ -240,16 +247,17 @@ def trl_dataset(cfg, tokenizer, processor, n: int):
 
 def make_reward(cfg):
     """TRL reward function: our parser and reward kernels on the decoded completions."""
-    from dipr1_jax.data.pipeline import bucket
+    from dipr1_jax.data.pipeline import PipelineConfig, bucket
     from dipr1_jax.rewards import dip_rewards, parse_completions
 
     G, rc = cfg.grpo.group_size, cfg.rewards
+    buckets = PipelineConfig().box_buckets  # the pipeline's GT padding: the same compiled kernels
 
     def dip_reward(prompts, completions, gt, task, **kwargs):
         texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
         B = len(texts) // G
         gts = [gt[b * G] for b in range(B)]
-        K = bucket(max(len(g) for g in gts), (16, 64, 256, 1024))
+        K = bucket(max(len(g) for g in gts), buckets)
         boxes = np.zeros((B, K, 4), np.float32)
         mask = np.zeros((B, K), bool)
         for b, g in enumerate(gts):
@@ -258,8 +266,8 @@ def make_reward(cfg):
         parsed = parse_completions(texts, rc.max_boxes, rc.max_look)
         r = dip_rewards(parsed, boxes, mask, G, rc,
                         is_count=np.asarray([task[b * G] == 1 for b in range(B)]),
-                        ignore_boxes=np.zeros((B, 16, 4), np.float32),
-                        ignore_mask=np.zeros((B, 16), bool))
+                        ignore_boxes=np.zeros((B, buckets[0], 4), np.float32),
+                        ignore_mask=np.zeros((B, buckets[0]), bool))
         return np.asarray(r["total"], np.float64).reshape(-1).tolist()
 
     return dip_reward
@@ -289,9 +297,16 @@ def time_trl(cfg, export_dir: str, tokenizer, warmup: int, iters: int, device: b
         weight_decay=o.weight_decay, max_grad_norm=o.grad_clip, warmup_steps=o.warmup_steps,
         lr_scheduler_type="cosine", max_steps=steps, logging_steps=10 ** 6,
         save_strategy="no", report_to="none", disable_tqdm=True, log_completions=False,
-        dataloader_num_workers=0, remove_unused_columns=False)
-    model = transformers.AutoModelForImageTextToText.from_pretrained(export_dir, dtype=torch.float32)
-    trainer = trl.GRPOTrainer(model=model, reward_funcs=[make_reward(cfg)], args=args,
+        dataloader_num_workers=0, remove_unused_columns=False,
+        # TRL defaults to activation checkpointing; ours recomputes nothing (model.remat).
+        gradient_checkpointing=cfg.model.remat != "none")
+    model = transformers.AutoModelForImageTextToText.from_pretrained(export_dir,
+                                                                     dtype=torch.float32)
+    reward = make_reward(cfg)
+    # Compile the reward kernels outside the clock (a no-op when ours already ran them).
+    reward(None, ["<answer>[]</answer>"] * (B * G), gt=[ds[0]["gt"]] * (B * G),
+           task=[0] * (B * G))
+    trainer = trl.GRPOTrainer(model=model, reward_funcs=[reward], args=args,
                               train_dataset=ds, processing_class=processor)
     cur: dict = {"tokens": 0}
     marks: dict = {}
@@ -345,14 +360,18 @@ def time_trl(cfg, export_dir: str, tokenizer, warmup: int, iters: int, device: b
 
     trainer.add_callback(Clock())
     trainer.train()
+    shutil.rmtree(out_dir, ignore_errors=True)
     return {"rows": rows[warmup:], "prompt_len": prompt_len, "trl": trl.__version__,
             "torch": torch.__version__, "transformers": transformers.__version__}
 
 
 # ----------------------------------------------------------------------------- report
 def _row_str(r: dict) -> str:
-    return "  ".join(f"{k} {r[k]:.2f}s" for k in PHASES + ("total",) if k in r) + \
-        f"  tokens {int(r.get('tokens', 0))}"
+    parts = [f"{k} {r[k]:.2f}s" for k in PHASES[:3] if k in r]
+    parts[-1] += " (" + ", ".join(f"{k.split('/')[1]} {r[k]:.2f}s" for k in SUBPHASES
+                                 if k in r) + ")"
+    parts += [f"{k} {r[k]:.2f}s" for k in ("other", "total")]
+    return "  ".join(parts) + f"  tokens {int(r.get('tokens', 0))}"
 
 
 def _median(rows, key):
@@ -415,6 +434,8 @@ def bench_model(a, name: str, device: bool) -> dict:
         res["trl"] = time_trl(cfg, export_dir, tok, a.trl_warmup, iters, device,
                               between=ours.iterate)
     res["ours"] = ours.result()
+    if not a.export_dir:
+        shutil.rmtree(export_dir, ignore_errors=True)
     return res
 
 
@@ -424,8 +445,21 @@ def _info(a, res: dict, prompt_len) -> str:
             f"{a.image[0]}x{a.image[1]} images, prompt {prompt_len} tokens, beta={a.beta}")
 
 
+def _need_trl(a) -> bool:
+    """False (with a note) when TRL is not installed and --skip-trl was not given."""
+    import importlib.util
+    if a.skip_trl:
+        return False
+    if importlib.util.find_spec("trl") is None:
+        print("TRL is not installed (pip install -e '.[bench]'; offline machines: carry the "
+              "trl, accelerate and datasets wheels): timing ours only", flush=True)
+        return False
+    return True
+
+
 def cpu_main(a) -> None:
     import jax
+    a.skip_trl = not _need_trl(a)
     print(f"jax {jax.__version__}, backend {jax.default_backend()}; OMP_WAIT_POLICY="
           f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}; load average "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
@@ -446,13 +480,15 @@ def _child(a, side: str, export_dir: str) -> dict:
            "--beta", str(a.beta), "--seed", str(a.seed), "--image", str(a.image[0]),
            str(a.image[1])] + (["--allow-cpu"] if a.allow_cpu else [])
     env = dict(os.environ)
-    env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
+    if side != "trl":  # ours takes most of the card (this process holds a small context)
+        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = os.environ.get("TRAIN_BENCH_PREALLOCATE", "true")
+        env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.85")
     print(f"  child: {' '.join(cmd[1:])}", flush=True)
     proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, timeout=a.child_timeout)
     lines = proc.stdout.splitlines()
     for line in lines:
-        if not line.startswith("RESULT_JSON ") and "Warning" not in line:
+        if line.strip() and not line.startswith("RESULT_JSON ") and "Warning" not in line:
             print("   |" + line, flush=True)
     got = [x for x in lines if x.startswith("RESULT_JSON ")]
     if proc.returncode or not got:
@@ -461,7 +497,8 @@ def _child(a, side: str, export_dir: str) -> dict:
 
 
 def device_main(a) -> None:
-    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # the children need the card
+    # This process only checks for the accelerator: the children need the card.
+    os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     import jax
     backend = jax.default_backend()
     if backend == "cpu" and not a.allow_cpu:
@@ -473,14 +510,19 @@ def device_main(a) -> None:
         cuda = torch.cuda.is_available()
     except ImportError:
         cuda = False
+    a.skip_trl = not _need_trl(a)
     skip_trl = a.skip_trl or not (cuda or a.allow_cpu)
     if skip_trl and not a.skip_trl:
         print("  TRL skipped: torch sees no CUDA device (TRL's GPU path needs one)", flush=True)
-    print(f"device mode: {a.device_preset}, jax {jax.__version__} on {jax.devices()[0].device_kind}",
-          flush=True)
+    print(f"device mode: {a.device_preset}, jax {jax.__version__} on "
+          f"{jax.devices()[0].device_kind}", flush=True)
     export_dir = a.export_dir or tempfile.mkdtemp(prefix="train_bench_export_")
-    ours = _child(a, "ours" if skip_trl else "ours+export", export_dir)
-    trl_res = None if skip_trl else _child(a, "trl", export_dir)
+    try:
+        ours = _child(a, "ours" if skip_trl else "ours+export", export_dir)
+        trl_res = None if skip_trl else _child(a, "trl", export_dir)
+    finally:
+        if not a.export_dir:
+            shutil.rmtree(export_dir, ignore_errors=True)
     report(a.device_preset, ours["ours"], trl_res and trl_res["trl"],
            _info(a, ours, (trl_res or {}).get("trl", {}).get("prompt_len", "?")))
 
@@ -530,9 +572,9 @@ def main(argv=None) -> None:
                          + ", ".join(f"{k} {v}" for k, v in AUTO_ITERS.items()) + ")")
     ap.add_argument("--warmup", type=int, default=1,
                     help="untimed iterations of ours first (compilation)")
-    ap.add_argument("--trl-warmup", type=int, default=0,
-                    help="untimed TRL iterations first (nothing to compile; its first step "
-                         "is timed by default)")
+    ap.add_argument("--trl-warmup", type=int, default=-1,
+                    help="untimed TRL iterations first (-1: none on CPU, where nothing compiles, "
+                         "1 with --device: CUDA/cuBLAS start-up)")
     ap.add_argument("--vision-max-patches", type=int, default=-1,
                     help="ours: per-image vision layout with this many patches (-1: one image's "
                          "patches; 0: the flat layout)")
@@ -554,6 +596,8 @@ def main(argv=None) -> None:
     ap.add_argument("--child", choices=["ours", "ours+export", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--export-dir", default="", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if a.trl_warmup < 0:
+        a.trl_warmup = 1 if a.device else 0
     if a.omp_wait_policy != "unset":  # before torch (libgomp reads it once, at load)
         os.environ.setdefault("OMP_WAIT_POLICY", a.omp_wait_policy)
     if a.child:

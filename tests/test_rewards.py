@@ -365,3 +365,20 @@ def test_reward_precision_and_recall_equal_metrics_with_ignore_regions(case):
             prf = metrics.precision_recall_f1([img], thresholds=[0.5])
             assert got[1.0][b, i] == pytest.approx(prf["precision"][0], abs=1e-9), (b, i, prf)
             assert got[0.0][b, i] == pytest.approx(prf["recall"][0], abs=1e-9), (b, i, prf)
+
+
+def test_ignore_region_tie_at_the_threshold_is_exact():
+    # IoA of the answer with the second region is exactly 0.5 (197.96875 / 395.9375); a
+    # fused XLA division once gave 0.49999999999999994 and kept the box as a false positive.
+    # Found by hypothesis in CI; the reference (and numpy's metrics) ignore the box.
+    comps = [{"format": True, "answer_all": [(-1.75, 0.0, 1.75, 113.125)], "look_all": [],
+              "count": -1}]
+    regions = [[(0.0, 0.0, 2.0, 2.0), (0.0, 0.0, 7.0, 452.5)]]
+    for x64 in (True, False):
+        with jax.enable_x64(x64):
+            parsed, gt_boxes, gt_mask = _to_arrays([[]], comps, 2, 2, 1)
+            ig_boxes, ig_mask = _regions_to_arrays(regions, 3)
+            got = dip_rewards(parsed, gt_boxes, gt_mask, 1, RewardConfig(),
+                              ignore_boxes=ig_boxes, ignore_mask=ig_mask)
+            # No GT and the one answer absorbed: #pred = #gt = 0 -> R_acc = 1.
+            assert float(got["accuracy"][0, 0]) == 1.0

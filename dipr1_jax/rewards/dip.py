@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from dipr1_jax.config import RewardConfig
-from dipr1_jax.rewards.boxes import box_ioa, box_iou
+from dipr1_jax.rewards.boxes import _pairwise, box_ioa, box_iou
 from dipr1_jax.rewards.matching import match_pairs
 from dipr1_jax.rewards.parse import ParsedCompletions
 
@@ -88,8 +88,12 @@ def ignored_answers(answer_boxes, unmatched, ignore_boxes, ignore_mask, threshol
     if ignore_mask is None:
         ignore_mask = jnp.ones(ignore_boxes.shape[:2], bool)
     ignore_mask = jnp.asarray(ignore_mask, bool)
-    ioa = box_ioa(answer_boxes, ignore_boxes[:, None])  # [B, G, P, Ki]
-    inside = jnp.any((ioa >= threshold) & ignore_mask[:, None, None, :], axis=-1)
+    # IoA >= t tested as inter >= t * area(p): no division, so a tie at the threshold
+    # (common with integer pixel boxes) is decided exactly, as numpy's division does,
+    # whatever XLA does to a fused division.
+    inter, area, _, ok = _pairwise(answer_boxes, ignore_boxes[:, None])  # [B, G, P, Ki]
+    ioa_ok = ok & (inter >= threshold * area[..., None])
+    inside = jnp.any(ioa_ok & ignore_mask[:, None, None, :], axis=-1)
     return jnp.sum(unmatched & inside, axis=-1).astype(jnp.int32)
 
 

@@ -40,7 +40,6 @@ The combined table of several models is left to ``report.write_report``.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import os
 import re
 import time
@@ -70,22 +69,15 @@ class EvalResult:
     pngs: list[str] = dataclasses.field(default_factory=list)
 
 
-def _reward_kwargs() -> set[str]:
-    try:
-        return set(inspect.signature(dip_rewards).parameters)
-    except (TypeError, ValueError):  # pragma: no cover
-        return set()
-
-
-def _score(texts: Sequence[str], batch: dict, group_size: int, cfg: RewardConfig) -> dict:
-    """``dip_rewards`` of ``B * G`` texts: dict of ``[B, G]`` numpy arrays."""
+def score_completions(texts: Sequence[str], batch: dict, group_size: int,
+                      cfg: RewardConfig) -> dict:
+    """``dip_rewards`` of ``B * G`` texts against a pipeline batch (ignore regions and
+    counting prompts included): dict of ``[B, G]`` numpy arrays. Training and
+    evaluation score completions with this one function."""
     parsed = parse_completions(texts, cfg.max_boxes, cfg.max_look)
-    kw: dict[str, Any] = {"is_count": np.asarray(batch["task"]) == 1}
-    names = _reward_kwargs()
-    if "ignore_boxes" in names and "ignore_boxes" in batch:
-        kw["ignore_boxes"] = np.asarray(batch["ignore_boxes"], np.float32)
-        if "ignore_mask" in names:
-            kw["ignore_mask"] = np.asarray(batch["ignore_mask"], bool)
+    kw: dict[str, Any] = {"is_count": np.asarray(batch["task"]) == 1,
+                          "ignore_boxes": np.asarray(batch["ignore_boxes"], np.float32),
+                          "ignore_mask": np.asarray(batch["ignore_mask"], bool)}
     r = dip_rewards(parsed, np.asarray(batch["gt_boxes"], np.float32),
                     np.asarray(batch["gt_mask"], bool), group_size, cfg, **kw)
     return {k: np.asarray(r[k], np.float64) for k in REWARD_KEYS}
@@ -165,7 +157,7 @@ def evaluate_policy(model, batches: Iterable[dict], tokenizer, *, reward_cfg: Re
             raise ValueError("evaluate_policy: generate_fn returned no texts")
         valid = np.asarray(batch["valid"], bool)
         is_count = np.asarray(batch["task"]) == 1
-        r = _score([t for row in out.texts for t in row], batch, G, reward_cfg)
+        r = score_completions([t for row in out.texts for t in row], batch, G, reward_cfg)
         for k in REWARD_KEYS:
             rewards[k].append(r[k][valid])
         det_accuracy.append(r["accuracy"][valid & ~is_count])

@@ -26,9 +26,9 @@ from dipr1_jax import sampler
 from dipr1_jax.config import Config
 from dipr1_jax.data.targets import target_ids, targets_for_batch
 from dipr1_jax.grpo import group_advantages, loss_denominator
-from dipr1_jax.rewards import dip_rewards, parse_completions
 from dipr1_jax.train import batch as tb
 from dipr1_jax.train import state as st
+from dipr1_jax.train.evaluate import score_completions
 from dipr1_jax.train.grpo_step import make_grpo_step, make_logprob_fn
 from dipr1_jax.train.sft_step import make_sft_step
 from dipr1_jax.train.writers import RunWriter, step_line
@@ -184,12 +184,7 @@ class GRPOLoop(_Loop):
         """Rewards ``[B, G]`` per component and the rows that train."""
         c = self.run.cfg
         G = c.grpo.group_size
-        flat = [t for row in out.texts for t in row]
-        parsed = parse_completions(flat, c.rewards.max_boxes, c.rewards.max_look)
-        r = dip_rewards(parsed, batch["gt_boxes"], batch["gt_mask"], G, c.rewards,
-                        is_count=batch["task"] == 1, ignore_boxes=batch["ignore_boxes"],
-                        ignore_mask=batch["ignore_mask"])
-        r = {k: np.asarray(v) for k, v in r.items()}
+        r = score_completions([t for row in out.texts for t in row], batch, G, c.rewards)
         bad_group = np.asarray(out.nonfinite).any(axis=1) | ~np.all(
             np.isfinite(r["total"]), axis=1)
         keep_group = np.asarray(batch["valid"], bool) & ~bad_group

@@ -46,3 +46,36 @@ def test_leaf_fields_cover_every_section():
         sub = getattr(Config(), section)
         for f in dataclasses.fields(sub):
             assert f"{section}.{f.name}" in paths
+
+
+def test_optional_fields_are_type_checked():
+    from dipr1_jax.data.pipeline import PipelineConfig
+    assert PipelineConfig(num_epochs=None).num_epochs is None
+    assert PipelineConfig(num_epochs=3).num_epochs == 3
+    with pytest.raises(ConfigError, match="num_epochs: expected int or None"):
+        PipelineConfig(num_epochs="3")
+
+
+def test_optional_flags_parse_none_and_values():
+    import dataclasses as dc
+    from absl import flags
+    from dipr1_jax import cli
+    from dipr1_jax.config import _Validated
+
+    @dc.dataclass(frozen=True)
+    class Section(_Validated):
+        limit: int | None = None
+        scale: float | None = 1.5
+
+    @dc.dataclass(frozen=True)
+    class Root(_Validated):
+        s: Section = dc.field(default_factory=Section)
+
+    fv = flags.FlagValues()
+    cli.define_config_flags(Root(), flag_values=fv)
+    fv(["prog", "--config.s.limit=7", "--config.s.scale=none"])
+    assert fv["config.s.limit"].value == 7 and fv["config.s.scale"].value is None
+    with pytest.raises(flags.IllegalFlagValueError, match="int or 'none'"):
+        fv(["prog", "--config.s.limit=seven"])
+    with pytest.raises(ConfigError, match="Section.limit: expected int or None"):
+        Section(limit=2.5)

@@ -89,7 +89,7 @@ class _Loop:
         if on_eval is not None and every and self.step % every == 0 and i != total - 1:
             on_eval(self)
 
-    def _log(self, i: int, total: int, metrics: dict, t0: float) -> None:
+    def _log(self, i: int, total: int, metrics: dict) -> None:
         cfg = self.run.cfg
         step = self.step
         if step % cfg.log.every and i != total - 1:
@@ -143,7 +143,7 @@ class SFTLoop(_Loop):
                     raise FloatingPointError(f"sft step {self.step}: loss is {m['loss']}")
                 if seconds is not None:  # a time budget: show progress against it
                     m["budget_left_s"] = max(0.0, seconds - (time.perf_counter() - start))
-                self._log(i, total if seconds is None else i + 1, m, t0)
+                self._log(i, total if seconds is None else i + 1, m)
                 if seconds is None:
                     self._maybe_eval(on_eval, i, total)
                 i += 1
@@ -235,7 +235,7 @@ class GRPOLoop(_Loop):
             "dropped_groups": self.dropped_groups,
             "time/rollout": t1 - t0, "time/reward": t2 - t1, "time/update": t3 - t2,
         })
-        self._log(i, total, m, t0)
+        self._log(i, total, m)
         self._samples(batch, out, r, keep)
         return m
 

@@ -77,7 +77,7 @@ def _periodic(run: Run, name: str):
 def _prepare(cfg: Config, workdir: str, init_path: str | None = None):
     mesh = st.build_mesh(cfg.mesh)
     model, tokenizer, desc = load_policy(cfg, mesh, init_path)
-    n = sum(x.size for x in jax.tree.leaves(jax.tree.map(lambda v: v, _params(model))))
+    n = sum(x.size for x in jax.tree.leaves(_params(model)))
     print(f"{cfg.mode}: {desc} ({n / 1e6:.2f}M parameters) on {jax.device_count()} "
           f"{jax.default_backend()} device(s); workdir {workdir}", flush=True)
     return open_run(cfg, workdir, tokenizer, mesh), model

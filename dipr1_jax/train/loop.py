@@ -89,16 +89,20 @@ class _Loop:
         if on_eval is not None and every and self.step % every == 0 and i != total - 1:
             on_eval(self)
 
-    def _log(self, i: int, total: int, metrics: dict) -> None:
+    def _log(self, i: int, total: int, metrics: dict, eta: float | None = None) -> None:
+        """Logs step ``i`` of ``total`` of this call (``eta``: seconds left, if known)."""
         cfg = self.run.cfg
         step = self.step
         if step % cfg.log.every and i != total - 1:
             return
         done = i + 1
-        eta = self.elapsed / done * (total - done)
+        per_step = self.elapsed / max(step, 1)
+        if eta is None:
+            eta = per_step * (total - done)
+        shown_total = step + round(eta / per_step) if per_step > 0 else step
         self.run.writer.log(step, metrics, kind=self.kind)
-        print(step_line(step, total, metrics, elapsed_s=self.elapsed, eta_s=eta, kind=self.kind),
-              flush=True)
+        print(step_line(step, shown_total, metrics, elapsed_s=self.elapsed, eta_s=eta,
+                        kind=self.kind), flush=True)
 
 
 class SFTLoop(_Loop):
@@ -141,9 +145,10 @@ class SFTLoop(_Loop):
                 m["time/update"] = dt
                 if not np.isfinite(m["loss"]):
                     raise FloatingPointError(f"sft step {self.step}: loss is {m['loss']}")
+                left = None
                 if seconds is not None:  # a time budget: show progress against it
-                    m["budget_left_s"] = max(0.0, seconds - (time.perf_counter() - start))
-                self._log(i, total if seconds is None else i + 1, m)
+                    left = m["budget_left_s"] = max(0.0, seconds - (time.perf_counter() - start))
+                self._log(i, total if seconds is None else i + 1, m, left)
                 if seconds is None:
                     self._maybe_eval(on_eval, i, total)
                 i += 1

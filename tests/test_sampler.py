@@ -58,21 +58,19 @@ def test_greedy_matches_transformers_generate(ckpt, model, batch):
 
 
 def _teacher_forced_logp(model, ids, mask, pv, grid, out, temperature):
+    # The per-completion layout of the trainer's joined batch (every row carries its own
+    # copy of its prompt and image), through the model's public call.
+    from dipr1_jax.train import batch as tb
     B, G, T = out.tokens.shape
-    full = np.concatenate([np.repeat(ids, G, 0), out.tokens.reshape(B * G, T)], 1)
-    gen_mask = (np.arange(T)[None] < out.lengths.reshape(-1, 1)).astype(mask.dtype)
-    full_mask = np.concatenate([np.repeat(mask, G, 0), gen_mask], 1)
-    # Each of the B*G rows needs its prompt's image: repeat images per row.
-    pv_rows, grids = [], []
-    offsets = np.concatenate([[0], np.cumsum(grid.prod(-1))])
-    for b in range(B):
-        for _ in range(G):
-            pv_rows.append(pv[offsets[b]:offsets[b + 1]])
-            grids.append(grid[b])
-    logits = np.asarray(model(full, full_mask, np.concatenate(pv_rows), np.stack(grids)))
+    prompts = {"input_ids": ids, "attention_mask": mask, "pixel_values": pv,
+               "image_grid_thw": grid}
+    train = tb.rollout_batch(prompts, out.tokens, out.lengths, np.zeros((B, G), np.float32),
+                             np.ones((B, G), bool))
+    full, full_mask, pv_rows, grids = tb.joined_rows(train)
+    logits = np.asarray(model(full, full_mask, pv_rows, grids))
     logp = jax.nn.log_softmax(jnp.asarray(logits[:, ids.shape[1] - 1:-1]) / temperature, -1)
     picked = np.take_along_axis(np.asarray(logp), full[:, ids.shape[1]:, None], -1)[..., 0]
-    return picked.reshape(B, G, T), gen_mask.reshape(B, G, T).astype(bool)
+    return picked.reshape(B, G, T), train["completion_mask"].astype(bool)
 
 
 def test_sampled_logprobs_equal_teacher_forced_recomputation(model, batch):

@@ -7,6 +7,7 @@ compute ``dtype``; normalisations and rotary embeddings in float32.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import jax
@@ -26,15 +27,16 @@ INITS = {"normal": _INIT, "zeros": jax.nn.initializers.zeros, "ones": jax.nn.ini
 
 
 def param(rngs: nnx.Rngs | None, shape: Sequence[int], axes: Sequence[str | None], dtype,
-          init: str = "normal") -> nnx.Param:
+          init: str = "normal", fan_in: int = 0) -> nnx.Param:
     """A Param with ``logical_axes`` and ``init`` (name in ``INITS``) metadata; the latter lets
-    ``create_model`` re-create it shard by shard without tracing the modules."""
+    ``create_model`` re-create it shard by shard without tracing the modules. ``fan_in``
+    (matrices of ``Dense``): inputs per output, for ``create_model(init="fan_in")``."""
     if len(axes) != len(shape):
         raise ValueError(f"logical axes {tuple(axes)} do not match shape {tuple(shape)}")
     shape = tuple(int(s) for s in shape)
     key = rngs.params() if init == "normal" else None
     value = INITS[init](key, shape, dtype)
-    return nnx.Param(value, logical_axes=tuple(axes), init=init)
+    return nnx.Param(value, logical_axes=tuple(axes), init=init, fan_in=int(fan_in))
 
 
 class Dense(nnx.Module):
@@ -46,7 +48,8 @@ class Dense(nnx.Module):
         pd = _dtype(param_dtype)
         self.n_in = len(in_shape)
         self.dtype = _dtype(dtype)
-        self.kernel = param(rngs, in_shape + out_shape, tuple(in_axes) + tuple(out_axes), pd)
+        self.kernel = param(rngs, in_shape + out_shape, tuple(in_axes) + tuple(out_axes), pd,
+                            fan_in=math.prod(in_shape))
         self.bias = param(rngs, out_shape, out_axes, pd, "zeros") if bias else None
 
     def __call__(self, x):

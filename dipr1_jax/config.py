@@ -190,6 +190,9 @@ class ModelSection(_Validated):
     vision_max_patches: int = _f(0, "per-image vision layout with this many patches per image "
                                     "(0: flat layout; set it for large images)")
     logprob_chunk: int = _f(256, "sequence chunk of the float32 log-prob computation")
+    init: Literal["hf", "fan_in"] = _f(
+        "fan_in", "random init: hf = normal(0.02) matrices (transformers); fan_in = "
+                  "normal(1/sqrt(fan_in)) (narrow models trained from scratch)")
 
     def validate(self):
         from dipr1_jax.model.config import PRESETS
@@ -223,6 +226,13 @@ class DataSection(_Validated):
     synthetic_difficulty: Literal["easy", "medium", "hard"] = _f("easy", "synthetic: crowd density")
     synthetic_max_people: int = _f(2, "synthetic: people per image are drawn in [1, this] "
                                       "(0: the difficulty's range)")
+    synthetic_min_person_height: int = _f(32, "synthetic: smallest person height in pixels")
+    synthetic_clutter: bool = _f(False, "synthetic: buildings, trees, cars and road marks behind "
+                                       "the people (false: sky, ground and noise only)")
+    synthetic_silhouettes: bool = _f(True, "synthetic: people drawn in one dark colour")
+    synthetic_coord_tint: float = _f(1.0, "synthetic: blend of the background with a coordinate "
+                                          "map in [0, 1] (a position cue for models trained "
+                                          "from scratch; 0: off)")
 
     def validate(self):
         ok = self.name in DATA_NAMES or (self.name.startswith("tfds:") and len(self.name) > 5)
@@ -236,6 +246,10 @@ class DataSection(_Validated):
         for name in ("synthetic_width", "synthetic_height"):
             self._require(getattr(self, name) >= 32, name, "must be >= 32")
         self._require(self.synthetic_max_people >= 0, "synthetic_max_people", "must be >= 0")
+        self._require(self.synthetic_min_person_height >= 1, "synthetic_min_person_height",
+                      "must be >= 1")
+        self._require(0.0 <= self.synthetic_coord_tint <= 1.0, "synthetic_coord_tint",
+                      "must be in [0, 1]")
         if self.name != "synthetic" and not self.name.startswith("tfds:"):
             self._require(bool(self.root), "root", f"data.name={self.name} needs data.root")
 

@@ -118,3 +118,51 @@ def test_difficulty_levels_scale_density_and_size():
     assert stats["hard"][1] < stats["easy"][1]
     with pytest.raises(ValueError, match="difficulty"):
         SceneConfig(difficulty="extreme")
+
+
+def test_coord_tint_blends_the_background_with_a_coordinate_map():
+    kw = dict(width=96, height=72, difficulty="easy", num_people=(1, 1), num_distractors=(0, 0))
+    plain = render_scene(3, 0, SceneConfig(**kw))
+    tinted = render_scene(3, 0, SceneConfig(coord_tint=0.7, **kw))
+    np.testing.assert_array_equal(plain.boxes, tinted.boxes)  # same scene, same rng stream
+    h, w = 72, 96
+    outside = np.ones((h, w), bool)  # background pixels: outside every figure's box
+    for x1, y1, x2, y2 in plain.boxes.astype(int):
+        outside[max(y1 - 2, 0):y2 + 2, max(x1 - 2, 0):x2 + 2] = False
+    ys, xs = np.nonzero(outside)
+    for y, x in list(zip(ys, xs))[::97]:
+        coord = (255 * x / (w - 1), 255 * y / (h - 1), 128)
+        for c in range(3):
+            want = round(0.3 * float(plain.image[y, x, c]) + 0.7 * coord[c])
+            assert abs(int(tinted.image[y, x, c]) - want) <= 1, (y, x, c)
+    # The figure keeps its own colours (tint is painted under the people).
+    x1, y1, x2, y2 = plain.boxes[0].astype(int)
+    assert (np.asarray(plain.image[y1:y2, x1:x2]) == tinted.image[y1:y2, x1:x2]).mean() > 0.2
+    with pytest.raises(ValueError, match="coord_tint"):
+        SceneConfig(coord_tint=1.5)
+
+
+def test_without_clutter_the_ground_is_flat_up_to_the_noise():
+    cfg = SceneConfig(width=96, height=72, difficulty="easy", num_people=(0, 0),
+                      num_distractors=(0, 0), clutter=False)
+    for i in range(3):
+        r = render_scene(i, 0, cfg)
+        ground = r.image[-20:].reshape(-1, 3).astype(int)
+        assert np.ptp(ground, axis=0).max() <= 2 * 4  # the easy preset's noise amplitude is 4
+        assert r.boxes.shape == (0, 4)
+
+
+def test_silhouettes_paint_people_in_one_dark_colour():
+    from dipr1_jax.data.synthetic import SILHOUETTE
+
+    kw = dict(width=96, height=72, difficulty="easy", num_people=(2, 2), num_distractors=(0, 0))
+    plain = render_scene(4, 0, SceneConfig(**kw))
+    dark = render_scene(4, 0, SceneConfig(silhouettes=True, **kw))
+    np.testing.assert_array_equal(plain.boxes, dark.boxes)  # same figures, same places
+    changed = np.any(plain.image != dark.image, axis=-1)
+    assert changed.sum() > 20
+    assert np.all(dark.image[changed] == SILHOUETTE)
+    inside = np.zeros_like(changed)
+    for x1, y1, x2, y2 in dark.boxes.astype(int):
+        inside[y1:y2, x1:x2] = True
+    assert not np.any(changed & ~inside)  # only figure pixels changed

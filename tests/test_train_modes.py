@@ -29,6 +29,12 @@ def tiny_config(**overrides) -> Config:
         "data.synthetic_eval_size": 4, "data.synthetic_max_people": 1,
         "log.samples_every": 6, "log.num_samples": 2, "log.every": 1,
         "data.synthetic_width": 112, "data.synthetic_height": 84, "mesh.devices": 1,
+        # Session 3's calibration: transformers' init and the cluttered scenes, where the
+        # tiny policy after 150 SFT steps keeps the format in a fraction of its samples and
+        # GRPO raises it within 12 steps (with the default job's fan-in init and plain
+        # scenes SFT already saturates the format, leaving GRPO nothing to show in 12).
+        "model.init": "hf", "data.synthetic_clutter": True, "data.synthetic_silhouettes": False,
+        "data.synthetic_coord_tint": 0.0, "data.synthetic_min_person_height": 6,
     }
     values.update(overrides)
     for path, value in values.items():
@@ -111,6 +117,12 @@ def test_grpo_and_eval_from_the_export_reproduce_its_evaluation(pipeline_run, tm
     for key in TABLE:
         assert out["init"][key] == pytest.approx(evals["sft+grpo"][key], nan_ok=True), key
     assert os.path.isfile(str(tmp_path / "grpo" / "export" / "model.safetensors"))
+    # data.prompt_style=auto takes the export's own (short: it was trained from random
+    # init), not "full" as for an outside checkpoint; the grpo run's export passes it on.
+    with open(tmp_path / "grpo" / "config.json") as f:
+        assert json.load(f)["data"]["prompt_style"] == "short"
+    with open(tmp_path / "grpo" / "export" / "dipr1_jax_training.json") as f:
+        assert json.load(f)["prompt_style"] == "short"
     ev = modes.run_eval(tiny_config(mode="eval", init_from=export), str(tmp_path / "eval"))
     assert ev["export"]["reward"] == pytest.approx(evals["sft+grpo"]["reward"])
 

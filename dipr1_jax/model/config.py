@@ -189,10 +189,12 @@ def _tiny():
 
 
 # The default job trains ``small`` from scratch on small images (a 4 x 4 grid of image
-# tokens). With theta 1e4 the M-RoPE height/width sections rotate by <= 0.1 rad per grid
-# step, so attention can hardly tell image columns apart; a low theta and most frequency
-# pairs on height/width make the grid positions distinguishable (BUILD_NOTES, Trainer).
-ROPE_THETA_SMALL = 50.0
+# tokens). theta 1e4 as usual: a low theta (50, tried in session 3) rotates every
+# frequency pair by radians over the prompt, which leaves attention no position-free
+# channel to find the image tokens by content; the default scenes carry absolute
+# position in their pixels instead (``data.synthetic_coord_tint``; BUILD_NOTES,
+# "The default job").
+ROPE_THETA_SMALL = 10000.0
 
 
 def _small():

@@ -29,7 +29,10 @@ def synthetic_source(cfg: DataSection, split: str, seed: int):
 
     people = (1, cfg.synthetic_max_people) if cfg.synthetic_max_people else None
     scene = SceneConfig(width=cfg.synthetic_width, height=cfg.synthetic_height,
-                        difficulty=cfg.synthetic_difficulty, num_people=people)
+                        difficulty=cfg.synthetic_difficulty, num_people=people,
+                        min_person_height=cfg.synthetic_min_person_height,
+                        coord_tint=cfg.synthetic_coord_tint, clutter=cfg.synthetic_clutter,
+                        silhouettes=cfg.synthetic_silhouettes)
     n = cfg.synthetic_train_size if split == cfg.train_split else cfg.synthetic_eval_size
     offset = _SPLIT_SEEDS.get(split, 3_000_017 + sum(map(ord, split)))
     return SyntheticCrowds(n, scene, seed=seed + offset)

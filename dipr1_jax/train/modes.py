@@ -19,12 +19,13 @@ from dipr1_jax.config import Config, replace_path, to_dict
 from dipr1_jax.train import data as train_data
 from dipr1_jax.train import state as st
 from dipr1_jax.train.loop import GRPOLoop, Run, SFTLoop
-from dipr1_jax.train.policy import export_policy as _export_policy, load_policy
+from dipr1_jax.train.policy import export_policy as _export_policy, load_policy, training_info
 from dipr1_jax.train.writers import RunWriter, eval_table
 
 def export_policy(run: Run, model, out_dir: str) -> str:
     d = run.cfg.data
-    return _export_policy(model, run.tokenizer, out_dir, d.min_pixels, d.max_pixels)
+    return _export_policy(model, run.tokenizer, out_dir, d.min_pixels, d.max_pixels,
+                          prompt_style=d.prompt_style)
 
 
 TABLE_KEYS = ("format_rate", "precision", "recall", "f1", "count_mae", "reward")
@@ -62,10 +63,16 @@ def evaluate(run: Run, model, name: str, step: int = 0) -> dict:
 
 
 def resolve(cfg: Config, init_path: str | None = None) -> Config:
-    """Fills the config's ``auto`` values (recorded resolved in config.json)."""
+    """Fills the config's ``auto`` values (recorded resolved in config.json).
+
+    ``data.prompt_style=auto``: what an export of ours was trained with (its
+    ``TRAINING_FILE``), else ``full`` for a checkpoint, ``short`` for random init."""
     if cfg.data.prompt_style == "auto":
-        from_ckpt = bool(init_path or cfg.model.checkpoint)
-        cfg = replace_path(cfg, "data.prompt_style", "full" if from_ckpt else "short")
+        path = init_path or cfg.model.checkpoint
+        style = training_info(path).get("prompt_style") if path else None
+        if style not in ("full", "short"):
+            style = "full" if path else "short"
+        cfg = replace_path(cfg, "data.prompt_style", style)
     return cfg
 
 

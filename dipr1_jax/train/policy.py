@@ -70,7 +70,7 @@ def load_policy(cfg: Config, mesh=None, path: str | None = None, vision_max_patc
         _check_ids(model, tokenizer, path)
         return model, tokenizer, f"checkpoint {path}"
     mcfg = preset(cfg.model.preset, **rt)
-    model = create_model(mcfg, seed=cfg.seed, mesh=mesh)
+    model = create_model(mcfg, seed=cfg.seed, mesh=mesh, init=cfg.model.init)
     tokenizer = load_tokenizer(None)
     _check_ids(model, tokenizer, f"preset {cfg.model.preset}")
     return model, tokenizer, f"random init of preset {cfg.model.preset}"
@@ -93,11 +93,30 @@ def _preprocessor_config(model, min_pixels: int, max_pixels: int) -> dict:
     }
 
 
+TRAINING_FILE = "dipr1_jax_training.json"
+
+
+def training_info(path: str) -> dict:
+    """What the export at ``path`` was trained with (``TRAINING_FILE``; {} when absent)."""
+    f = os.path.join(path, TRAINING_FILE)
+    if not os.path.isfile(f):
+        return {}
+    try:
+        with open(f) as fh:
+            info = json.load(fh)
+    except (OSError, ValueError) as e:
+        logging.warning("%s: unreadable (%s); ignored", f, e)
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
 def export_policy(model, tokenizer, out_dir: str, min_pixels: int = 56 * 56,
-                  max_pixels: int = 28 * 28 * 1280) -> str:
+                  max_pixels: int = 28 * 28 * 1280, prompt_style: str = "") -> str:
     """Writes ``out_dir`` as a Hugging Face directory: weights, tokenizer files, and a
     ``preprocessor_config.json`` with the pipeline's resize bounds when the tokenizer's
-    directory has none, so AutoTokenizer / AutoImageProcessor and the model class load it."""
+    directory has none, so AutoTokenizer / AutoImageProcessor and the model class load it.
+    ``prompt_style`` (the prompts the policy was trained on) goes to ``TRAINING_FILE``, so
+    ``grpo`` / ``eval`` from this export prompt it the same way (``data.prompt_style=auto``)."""
     import jax
 
     os.makedirs(out_dir, exist_ok=True)
@@ -113,4 +132,7 @@ def export_policy(model, tokenizer, out_dir: str, min_pixels: int = 56 * 56,
         if not os.path.isfile(pre):
             with open(pre, "w") as fh:
                 json.dump(_preprocessor_config(model, min_pixels, max_pixels), fh, indent=2)
+        if prompt_style:
+            with open(os.path.join(out_dir, TRAINING_FILE), "w") as fh:
+                json.dump({"prompt_style": prompt_style}, fh, indent=2)
     return out_dir

@@ -220,7 +220,7 @@ class DataSection(_Validated):
     max_pixels: int = _f(28 * 28 * 1280, "smart_resize upper bound")
     worker_count: int = _f(0, "grain worker processes (0: in the main process)")
     synthetic_train_size: int = _f(2048, "synthetic: images in the train split")
-    synthetic_eval_size: int = _f(64, "synthetic: images in the held-out split")
+    synthetic_eval_size: int = _f(128, "synthetic: images in the held-out split")
     synthetic_width: int = _f(112, "synthetic: image width")
     synthetic_height: int = _f(112, "synthetic: image height")
     synthetic_difficulty: Literal["easy", "medium", "hard"] = _f("easy", "synthetic: crowd density")
@@ -259,7 +259,7 @@ class RolloutSection(_Validated):
     """Sampling of the G completions per prompt (GRPO)."""
 
     max_new_tokens: int = _f(72, "completion budget in tokens")
-    temperature: float = _f(1.0, "sampling temperature (the log-probs use the same)")
+    temperature: float = _f(0.7, "sampling temperature (the log-probs use the same)")
     top_p: float = _f(1.0, "nucleus truncation")
     top_k: int = _f(0, "top-k truncation (0: off)")
 
@@ -300,7 +300,7 @@ class TrainSection(_Validated):
     micro_batch_size: int = _f(0, "prompts per gradient micro-batch (whole groups; 0: all)")
     freeze_vision: bool = _f(False, "no gradients / optimizer state for the vision tower")
     optim: OptimSection = dataclasses.field(
-        default_factory=lambda: OptimSection(learning_rate=3e-4, warmup_steps=5))
+        default_factory=lambda: OptimSection(learning_rate=1e-4, warmup_steps=5))
 
     def validate(self):
         self._require(self.steps >= 0, "steps", "must be >= 0")
@@ -393,7 +393,10 @@ class Config(_Validated):
     eval: EvalSection = dataclasses.field(default_factory=EvalSection)
     log: LogSection = dataclasses.field(default_factory=LogSection)
     mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
-    rewards: RewardConfig = dataclasses.field(default_factory=RewardConfig)
+    # The default job weighs R_count on detection prompts too (DESIGN.md section 3 allows
+    # it; the paper's w_count is 0): without it GRPO on the small SFT policy learns to
+    # answer fewer boxes (precision-weighted R_acc) and recall falls (BUILD_NOTES).
+    rewards: RewardConfig = dataclasses.field(default_factory=lambda: RewardConfig(w_count=1.0))
     grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
     demo: DemoConfig = dataclasses.field(default_factory=DemoConfig)
 

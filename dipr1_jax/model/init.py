@@ -26,11 +26,8 @@ INIT_SCHEMES = ("hf", "fan_in")
 
 @functools.lru_cache(maxsize=None)
 def _init_program(shape, dtype, init: str, sharding, std: float = 0.0):
-    if std:
-        fn = lambda key: jax.random.normal(key, shape, dtype) * std
-    else:
-        fn = lambda key: INITS[init](key, shape, dtype)
-    return jax.jit(fn, out_shardings=sharding)
+    initializer = jax.nn.initializers.normal(std) if std else INITS[init]
+    return jax.jit(lambda key: initializer(key, shape, dtype), out_shardings=sharding)
 
 
 def create_model(cfg: ModelConfig, seed: int = 0, mesh=None, init: str = "hf") -> QwenVL:

@@ -220,13 +220,13 @@ class DataSection(_Validated):
     max_pixels: int = _f(28 * 28 * 1280, "smart_resize upper bound")
     worker_count: int = _f(0, "grain worker processes (0: in the main process)")
     synthetic_train_size: int = _f(2048, "synthetic: images in the train split")
-    synthetic_eval_size: int = _f(128, "synthetic: images in the held-out split")
+    synthetic_eval_size: int = _f(512, "synthetic: images in the held-out split")
     synthetic_width: int = _f(112, "synthetic: image width")
     synthetic_height: int = _f(112, "synthetic: image height")
     synthetic_difficulty: Literal["easy", "medium", "hard"] = _f("easy", "synthetic: crowd density")
     synthetic_max_people: int = _f(2, "synthetic: people per image are drawn in [1, this] "
                                       "(0: the difficulty's range)")
-    synthetic_min_person_height: int = _f(32, "synthetic: smallest person height in pixels")
+    synthetic_min_person_height: int = _f(48, "synthetic: smallest person height in pixels")
     synthetic_clutter: bool = _f(False, "synthetic: buildings, trees, cars and road marks behind "
                                        "the people (false: sky, ground and noise only)")
     synthetic_silhouettes: bool = _f(True, "synthetic: people drawn in one dark colour")

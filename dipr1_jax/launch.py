@@ -17,6 +17,18 @@ metrics.jsonl, samples.jsonl, TensorBoard events, export/ and report/.
 
 Every config field is a flag; ``--help`` lists them. Bad values fail with one
 line naming the flag.
+
+``sft`` and ``grpo`` write orbax checkpoints to ``WORKDIR/checkpoints/<step>/``
+(``--config.checkpoint.every``, ``.keep``); rerunning the same command on the same
+workdir continues from the newest one, bit for bit (a workdir whose config differs
+is refused unless ``--config.checkpoint.force_resume``). SIGTERM (a preemption
+notice) finishes the current step, checkpoints and exits 143; a second SIGTERM
+exits at once. A step whose loss or gradient is not finite is skipped.
+
+Exit status: 0 done; 2 bad flags, missing files, unwritable workdir, a refused
+resume or a memory plan over the device's memory (the message names the flags that
+would fit it); 3 ``train.max_bad_steps`` non-finite steps in a row (the message
+names the last good checkpoint); 143 stopped by SIGTERM after writing a checkpoint.
 """
 
 from __future__ import annotations
@@ -97,15 +109,20 @@ def main(argv: list[str]) -> int:
         run_reward_demo(cfg)
         return 0
     from dipr1_jax.train.modes import MODES
+    from dipr1_jax.train.checkpoint import ResumeError
+    from dipr1_jax.train.memory import MemoryPlanError
     from dipr1_jax.train.writers import WorkdirError
 
     workdir = flags.FLAGS.workdir or os.path.join(
         "runs", f"{cfg.mode}-{time.strftime('%Y%m%d-%H%M%S')}")
     try:
         MODES[cfg.mode](cfg, workdir)
-    except (WorkdirError, FileNotFoundError, ConfigError) as e:
+    except (WorkdirError, FileNotFoundError, ConfigError, ResumeError, MemoryPlanError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # the non-finite guard gave up (train.max_bad_steps)
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -35,7 +35,9 @@ def tiny_config(**overrides) -> Config:
         # scenes SFT already saturates the format, leaving GRPO nothing to show in 12).
         "model.init": "hf", "data.synthetic_clutter": True, "data.synthetic_silhouettes": False,
         "data.synthetic_coord_tint": 0.0, "data.synthetic_min_person_height": 6,
-        "rollout.temperature": 1.0, "rewards.w_count": 0.0,
+        "rollout.temperature": 1.0, "rewards.w_count": 0.0, "grpo.beta": 0.04,
+        # The start-up memory plan traces the model (seconds); test_memory_plan covers it.
+        "log.memory_plan": False,
     }
     values.update(overrides)
     for path, value in values.items():

@@ -183,7 +183,8 @@ def _config(name, root, train_split, eval_split):
             ("data.train_split", train_split), ("data.eval_split", eval_split),
             ("data.max_pixels", W * H), ("data.min_pixels", W * H),
             ("sft.steps", 2), ("sft.batch_size", 2), ("eval.batch_size", 2),
-            ("rollout.max_new_tokens", 8), ("eval.num_draw", 1), ("log.tensorboard", False)):
+            ("rollout.max_new_tokens", 8), ("eval.num_draw", 1), ("log.tensorboard", False),
+            ("log.memory_plan", False)):
         cfg = replace_path(cfg, path, value)
     return cfg
 

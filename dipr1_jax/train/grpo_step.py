@@ -22,7 +22,7 @@ import optax
 from dipr1_jax.config import GRPOConfig, OptimSection
 from dipr1_jax.grpo import grpo_loss
 from dipr1_jax.train.forward import completion_logprobs
-from dipr1_jax.train.state import TrainState, make_optimizer, merge
+from dipr1_jax.train.state import TrainState, keep_if_finite, make_optimizer, merge
 
 SUM_KEYS = ("loss_sum", "tokens", "sequences", "clipped_tokens", "kl_sum", "ratio_sum", "pg_sum",
             "neg_logp_sum")
@@ -88,8 +88,11 @@ def make_grpo_step(graphdef, optim: OptimSection, total_steps: int, cfg: GRPOCon
 
     def step(state: TrainState, frozen, mbs, denom):
         grads, sums = accumulate(state.params, frozen, mbs, denom)
+        loss_of_step = sums["loss_sum"] / denom
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        params, opt_state, skipped = keep_if_finite(loss_of_step, grads, state,
+                                                    params, opt_state)
         tokens = jnp.maximum(sums["tokens"], 1.0)
         metrics = {
             "loss": sums["loss_sum"] / denom,
@@ -100,6 +103,7 @@ def make_grpo_step(graphdef, optim: OptimSection, total_steps: int, cfg: GRPOCon
             "ratio": sums["ratio_sum"] / tokens,
             "entropy": sums["neg_logp_sum"] / tokens,
             "tokens": sums["tokens"],
+            "skipped": skipped,
         }
         return TrainState(state.step + 1, params, opt_state), metrics
 

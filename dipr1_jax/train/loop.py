@@ -23,7 +23,7 @@ import numpy as np
 from absl import logging
 
 from dipr1_jax import sampler
-from dipr1_jax.config import Config
+from dipr1_jax.config import Config, to_dict
 from dipr1_jax.data.targets import target_ids, targets_for_batch
 from dipr1_jax.grpo import group_advantages, loss_denominator
 from dipr1_jax.train import batch as tb
@@ -34,6 +34,10 @@ from dipr1_jax.train.sft_step import make_sft_step
 from dipr1_jax.train.writers import RunWriter, step_line
 
 REWARD_KEYS = ("format", "look", "accuracy", "count")
+
+
+class NonFiniteError(FloatingPointError):
+    """Too many non-finite steps in a row (``train.max_bad_steps``)."""
 
 
 @dataclasses.dataclass
@@ -76,6 +80,90 @@ class _Loop:
         self.state_shardings = (st.hashable_shardings(self.state) if run.mesh is not None
                                 else None)
         self.elapsed = 0.0
+        self.ckpt = None  # a checkpoint.Checkpointer (the sft / grpo modes set one)
+        self.bad_steps = 0  # non-finite (skipped) steps in a row
+        self.preemption = None  # a checkpoint.Preemption while train() runs under one
+
+    # -- checkpoints -------------------------------------------------------------------
+    def _extra(self) -> dict:
+        """What a checkpoint needs besides the train state (JSON)."""
+        return {"kind": self.kind, "data": self.data.get_state(), "elapsed": self.elapsed,
+                "bad_steps": self.bad_steps, "config": to_dict(self.run.cfg)}
+
+    def _load_extra(self, extra: dict) -> None:
+        self.data.set_state(extra["data"])
+        self.elapsed = float(extra["elapsed"])
+        self.bad_steps = int(extra.get("bad_steps", 0))
+
+    def _guard(self, m: dict) -> None:
+        """The non-finite guard: the step skipped its update (``keep_if_finite``); count it,
+        say why, and stop after ``train.max_bad_steps`` such steps in a row."""
+        if not m.get("skipped"):
+            self.bad_steps = 0
+            return
+        self.bad_steps += 1
+        reason = f"non-finite loss {m.get('loss')} / grad norm {m.get('grad_norm')}"
+        m["skip_reason"] = reason
+        print(f"warning: {self.kind} step {self.step} skipped (no update): {reason} "
+              f"({self.bad_steps} in a row)", flush=True)
+        limit = self.run.cfg.train.max_bad_steps
+        if self.bad_steps >= limit:
+            last = self.ckpt.latest() if self.ckpt is not None else None
+            where = (f"{self.ckpt.directory}/{last} (kept)" if last is not None
+                     else "none written yet")
+            self.run.writer.log(self.step, m, kind=self.kind)
+            self.run.writer.flush()
+            raise NonFiniteError(
+                f"{self.kind}: {self.bad_steps} non-finite steps in a row, the last at step "
+                f"{self.step} ({reason}); stopping (train.max_bad_steps={limit}). "
+                f"Last good checkpoint: {where}. Lower the learning rate or check the data "
+                f"of these steps, then rerun the same command to continue from it.")
+
+    def resume(self) -> int | None:
+        """Continues from the newest readable checkpoint, if any; returns its step."""
+        if self.ckpt is None:
+            return None
+        got = self.ckpt.restore(self.state)
+        if got is None:
+            return None
+        state, extra = got
+        if extra.get("kind") != self.kind:
+            raise ValueError(f"{self.ckpt.directory}: a {extra.get('kind')!r} checkpoint, "
+                             f"not {self.kind!r}")
+        self.state = state
+        self._load_extra(extra)
+        return self.step
+
+    def checkpoint(self, force: bool = False) -> None:
+        if self.ckpt is not None:
+            self.ckpt.save(self.state, self._extra(), force=force)
+
+    def _after_step(self, i: int, total: int, on_eval) -> None:
+        """Periodic evaluation, then a checkpoint when due, then a preemption exit: an
+        evaluation logged at step k is always covered by the checkpoint of step k."""
+        self._maybe_eval(on_eval, i, total)
+        if self.ckpt is not None and self.ckpt.due(self.step):
+            self.checkpoint()
+        if self.preemption is not None and self.preemption.requested:
+            self._preempt()
+
+    def _preempt(self):
+        from dipr1_jax.train.checkpoint import Preempted
+        self.checkpoint(force=True)
+        where = "no checkpoint (checkpointing is off)"
+        if self.ckpt is not None:
+            self.ckpt.wait()
+            where = f"{self.ckpt.directory}/{self.step}"
+        self.run.writer.flush()
+        print(f"preempted: stopped after {self.kind} step {self.step}; checkpoint {where}; "
+              f"rerun the same command to continue", flush=True)
+        raise Preempted(self.step, where)
+
+    def finish(self) -> None:
+        """The last checkpoint (the end of training), written before returning."""
+        if self.ckpt is not None:
+            self.checkpoint(force=True)
+            self.ckpt.wait()
 
     @property
     def step(self) -> int:
@@ -132,7 +220,7 @@ class SFTLoop(_Loop):
         every ``eval.every`` steps (not after the last: the caller evaluates the result)."""
         total = steps if steps is not None else self.run.cfg.sft.steps
         with self.run.mesh_context():
-            i = 0
+            i = self.step if seconds is None else 0  # a resumed loop continues at its step
             start = time.perf_counter()
             while (i < total) if seconds is None else (time.perf_counter() - start < seconds):
                 t0 = time.perf_counter()
@@ -143,14 +231,13 @@ class SFTLoop(_Loop):
                 self.elapsed += dt
                 m["tokens_per_s"] = m["tokens"] / max(dt, 1e-9)
                 m["time/update"] = dt
-                if not np.isfinite(m["loss"]):
-                    raise FloatingPointError(f"sft step {self.step}: loss is {m['loss']}")
+                self._guard(m)
                 left = None
                 if seconds is not None:  # a time budget: show progress against it
                     left = m["budget_left_s"] = max(0.0, seconds - (time.perf_counter() - start))
                 self._log(i, total if seconds is None else i + 1, m, left)
                 if seconds is None:
-                    self._maybe_eval(on_eval, i, total)
+                    self._after_step(i, total, on_eval)
                 i += 1
 
 
@@ -174,6 +261,13 @@ class GRPOLoop(_Loop):
         self.key = jax.random.key(c.seed + 7)
         self.dropped_groups = 0
 
+    def _extra(self) -> dict:
+        return {**super()._extra(), "dropped_groups": self.dropped_groups}
+
+    def _load_extra(self, extra: dict) -> None:
+        super()._load_extra(extra)
+        self.dropped_groups = int(extra["dropped_groups"])
+
     def rollout(self, batch: dict) -> tuple[Any, dict]:
         c = self.run.cfg
         out = sampler.generate(
@@ -192,6 +286,11 @@ class GRPOLoop(_Loop):
         r = score_completions([t for row in out.texts for t in row], batch, G, c.rewards)
         bad_group = np.asarray(out.nonfinite).any(axis=1) | ~np.all(
             np.isfinite(r["total"]), axis=1)
+        bad_reward = ~np.isfinite(r["total"]) & np.asarray(batch["valid"], bool)[:, None]
+        for b, g in zip(*np.nonzero(bad_reward)):
+            logging.warning("grpo step %d: non-finite reward %s for %s rollout %d (group "
+                            "dropped): %r", self.step + 1, r["total"][b, g],
+                            batch["image_id"][b], g, out.texts[b][g])
         keep_group = np.asarray(batch["valid"], bool) & ~bad_group
         self.dropped_groups += int((np.asarray(batch["valid"], bool) & bad_group).sum())
         keep = np.broadcast_to(keep_group[:, None], r["total"].shape)
@@ -222,6 +321,7 @@ class GRPOLoop(_Loop):
             for _ in range(c.grpo.mu):
                 self.state, m = self.step_fn(self.state, self.frozen, mbs, jnp.float32(denom))
             m = _host(m)
+            self._guard(m)
         t3 = time.perf_counter()
         dt = t3 - t0
         self.elapsed += dt
@@ -261,9 +361,9 @@ class GRPOLoop(_Loop):
     def train(self, steps: int | None = None, on_eval=None) -> None:
         total = self.run.cfg.train.steps if steps is None else steps
         with self.run.mesh_context():
-            for i in range(total):
+            for i in range(self.step, total):  # a resumed loop continues at its step
                 self.iteration(i, total)
-                self._maybe_eval(on_eval, i, total)
+                self._after_step(i, total, on_eval)
         if self.dropped_groups:
             logging.warning("grpo: %d groups dropped (non-finite logits or rewards)",
                             self.dropped_groups)

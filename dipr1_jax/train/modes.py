@@ -20,7 +20,8 @@ from dipr1_jax.train import data as train_data
 from dipr1_jax.train import state as st
 from dipr1_jax.train.loop import GRPOLoop, Run, SFTLoop
 from dipr1_jax.train.policy import export_policy as _export_policy, load_policy, training_info
-from dipr1_jax.train.writers import RunWriter, eval_table
+from dipr1_jax.train.checkpoint import Checkpointer, Preemption, check_resumable
+from dipr1_jax.train.writers import RunWriter, ensure_writable, eval_table, logged_eval
 
 def export_policy(run: Run, model, out_dir: str) -> str:
     d = run.cfg.data
@@ -31,11 +32,15 @@ def export_policy(run: Run, model, out_dir: str) -> str:
 TABLE_KEYS = ("format_rate", "precision", "recall", "f1", "count_mae", "reward")
 
 
-def open_run(cfg: Config, workdir: str, tokenizer=None, mesh=None) -> Run:
+def open_writer(cfg: Config, workdir: str, purge_step: int | None = None) -> RunWriter:
     writer = RunWriter(workdir, is_main=jax.process_index() == 0,
-                       tensorboard=cfg.log.tensorboard)
+                       tensorboard=cfg.log.tensorboard, purge_step=purge_step)
     writer.write_config(to_dict(cfg))
-    return Run(cfg, workdir, writer, tokenizer, mesh)
+    return writer
+
+
+def open_run(cfg: Config, workdir: str, tokenizer=None, mesh=None) -> Run:
+    return Run(cfg, workdir, open_writer(cfg, workdir), tokenizer, mesh)
 
 
 def evaluate(run: Run, model, name: str, step: int = 0) -> dict:
@@ -81,12 +86,38 @@ def _periodic(run: Run, name: str):
     return lambda loop: evaluate(run, loop.model(), f"{name}@{loop.step}", loop.step)
 
 
-def _prepare(cfg: Config, workdir: str, init_path: str | None = None):
+def memory_plan(cfg: Config, mesh) -> None:
+    """Prints the per-device memory plan of the mode's phases (``train/memory.py``) and
+    raises ``MemoryPlanError`` (naming the flags that would fix it) when one exceeds the
+    device's memory. Runs on abstract shapes, before any parameter is loaded."""
+    if not cfg.log.memory_plan or cfg.mode not in ("pipeline", "sft", "grpo"):
+        return
+    from dipr1_jax.train import memory as mem
+
+    try:
+        plans = mem.plans(cfg, mesh, device_bytes=mem.device_memory())
+    except Exception as e:  # noqa: BLE001 - an estimate must never stop a run by itself
+        logging.warning("memory plan unavailable (%s: %s); starting without it",
+                        type(e).__name__, e)
+        return
+    for p in plans:
+        print(p.format(), flush=True)
+        mem.check(p)
+
+
+def _load(cfg: Config, workdir: str, init_path: str | None = None):
     mesh = st.build_mesh(cfg.mesh)
+    memory_plan(cfg, mesh)
     model, tokenizer, desc = load_policy(cfg, mesh, init_path)
     n = sum(x.size for x in jax.tree.leaves(_params(model)))
     print(f"{cfg.mode}: {desc} ({n / 1e6:.2f}M parameters) on {jax.device_count()} "
           f"{jax.default_backend()} device(s); workdir {workdir}", flush=True)
+    return mesh, model, tokenizer
+
+
+def _prepare(cfg: Config, workdir: str, init_path: str | None = None):
+    ensure_writable(workdir)  # before any compute
+    mesh, model, tokenizer = _load(cfg, workdir, init_path)
     return open_run(cfg, workdir, tokenizer, mesh), model
 
 
@@ -104,14 +135,44 @@ def _finish(run: Run, evals: dict, extra: dict | None = None) -> None:
 
 def _train_mode(cfg: Config, workdir: str, loop_cls, init_path: str | None,
                 before_name: str, after_name: str) -> dict:
-    """Evaluate, train with ``loop_cls``, evaluate, export: the ``sft`` and ``grpo`` modes."""
+    """Evaluate, train with ``loop_cls``, evaluate, export: the ``sft`` and ``grpo`` modes.
+
+    With ``checkpoint.enabled`` the loop saves to ``WORKDIR/checkpoints/`` and a rerun
+    of the same command continues from the newest checkpoint there (refusing when the
+    workdir's config differs); SIGTERM checkpoints and exits with status 143."""
     cfg = resolve(cfg, init_path)
-    run, model = _prepare(cfg, workdir, init_path)
-    evals = {before_name: evaluate(run, model, before_name)}
+    ensure_writable(workdir)  # before any compute
+    ckpt = None
+    if cfg.checkpoint.enabled:
+        ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every=cfg.checkpoint.every,
+                            keep=cfg.checkpoint.keep)
+        if ckpt.latest() is not None:
+            check_resumable(workdir, to_dict(cfg), cfg.checkpoint.force_resume)
+    mesh, model, tokenizer = _load(cfg, workdir, init_path)
+    run = Run(cfg, workdir, None, tokenizer, mesh)
     loop = loop_cls(run, model)
-    loop.train(on_eval=_periodic(run, after_name))
+    loop.ckpt = ckpt
+    resumed = loop.resume()
+    run.writer = open_writer(cfg, workdir, None if resumed is None else resumed + 1)
+    before = None
+    if resumed is not None:
+        print(f"resuming from checkpoint {ckpt.directory}/{resumed} ({loop.kind} step "
+              f"{resumed} of {loop.total_steps})", flush=True)
+        before = logged_eval(workdir, before_name)
+    evals = {before_name: before if before is not None else evaluate(run, model, before_name)}
+    with Preemption() as preemption:
+        loop.preemption = preemption
+        loop.train(on_eval=_periodic(run, after_name))
+        loop.finish()
+        loop.preemption = None
+    if ckpt is not None:
+        ckpt.close()
     model = loop.model()
-    evals[after_name] = evaluate(run, model, after_name, loop.step)
+    # A rerun of a run that had finished training keeps its logged final evaluation.
+    after = (logged_eval(workdir, after_name)
+             if resumed is not None and resumed >= loop.total_steps else None)
+    evals[after_name] = after if after is not None else evaluate(run, model, after_name,
+                                                                 loop.step)
     export_policy(run, model, os.path.join(workdir, "export"))
     _finish(run, evals)
     return evals

@@ -17,7 +17,7 @@ import optax
 
 from dipr1_jax.config import OptimSection
 from dipr1_jax.train.forward import completion_logprobs
-from dipr1_jax.train.state import TrainState, make_optimizer, merge
+from dipr1_jax.train.state import TrainState, keep_if_finite, make_optimizer, merge
 
 
 def sft_loss(graphdef, trainable, frozen, batch, chunk: int):
@@ -44,11 +44,14 @@ def make_sft_step(graphdef, optim: OptimSection, total_steps: int, *, chunk: int
 
     def step(state: TrainState, frozen, batch):
         (loss, (nll, tokens)), grads = grad_fn(state.params, frozen, batch)
+        loss_of_step = loss
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        params, opt_state, skipped = keep_if_finite(loss_of_step, grads, state,
+                                                    params, opt_state)
         metrics = {"loss": loss, "grad_norm": optax.tree_utils.tree_norm(grads),
                    "lr": schedule(state.step), "tokens": tokens,
-                   "perplexity": jnp.exp(loss)}
+                   "perplexity": jnp.exp(loss), "skipped": skipped}
         return TrainState(state.step + 1, params, opt_state), metrics
 
     jit_kw = dict(donate_argnums=(0,))

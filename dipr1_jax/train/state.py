@@ -66,6 +66,16 @@ def make_optimizer(cfg: OptimSection, total_steps: int) -> optax.GradientTransfo
     return optax.chain(*parts), schedule
 
 
+def keep_if_finite(loss, grads, state: "TrainState", params, opt_state):
+    """The non-finite guard of both steps: ``(params, opt_state, skipped)`` where a step
+    whose loss or gradient norm is not finite keeps the previous parameters and optimizer
+    state (``skipped`` = 1.0; the step still counts)."""
+    ok = jnp.isfinite(loss) & jnp.isfinite(optax.tree_utils.tree_norm(grads))
+    pick = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
+    return (jax.tree.map(pick, params, state.params), jax.tree.map(pick, opt_state, state.opt_state),
+            1.0 - ok.astype(jnp.float32))
+
+
 def build_mesh(cfg: MeshSection):
     """The device mesh of the config, or None on a single device."""
     devices = jax.devices()
@@ -101,14 +111,30 @@ def hashable_shardings(tree) -> HashableTree:
     return HashableTree(shardings_of(tree))
 
 
-def init_state(trainable: dict, optimizer: optax.GradientTransformation, mesh=None) -> TrainState:
-    """A step-0 state; optimizer moments take the parameters' shardings, scalars (step,
-    optimizer counts) are replicated over the mesh."""
-    opt_state = jax.jit(optimizer.init)(trainable)
-    state = TrainState(jnp.zeros((), jnp.int32), trainable, opt_state)
-    if mesh is None:
-        return state
+def opt_state_shardings(optimizer: optax.GradientTransformation, trainable, mesh):
+    """Shardings of ``optimizer.init(trainable)``: every parameter-shaped leaf (AdamW's
+    ``mu`` / ``nu``) sharded like its parameter, everything else (counts) replicated.
+    ``trainable`` may hold arrays or ShapeDtypeStructs with shardings."""
     rep = NamedSharding(mesh, P())
+
+    def param_sharding(x):
+        s = getattr(x, "sharding", None)
+        return s if isinstance(s, NamedSharding) and s.mesh == mesh else rep
+
+    abstract = jax.eval_shape(optimizer.init, trainable)
+    return optax.tree_map_params(optimizer, lambda _, p: param_sharding(p), abstract,
+                                 trainable, transform_non_params=lambda _: rep)
+
+
+def init_state(trainable: dict, optimizer: optax.GradientTransformation, mesh=None) -> TrainState:
+    """A step-0 state; optimizer moments take the parameters' shardings (so FSDP shards
+    AdamW's state too), scalars (step, optimizer counts) are replicated over the mesh."""
+    if mesh is None:
+        return TrainState(jnp.zeros((), jnp.int32), trainable, jax.jit(optimizer.init)(trainable))
+    rep = NamedSharding(mesh, P())
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_state_shardings(
+        optimizer, trainable, mesh))(trainable)
+    state = TrainState(jnp.zeros((), jnp.int32), trainable, opt_state)
     return jax.tree.map(
         lambda x: x if isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
         else jax.device_put(x, rep), state)

@@ -102,6 +102,32 @@ def _repair(path: str, purge_step: int | None) -> None:
             f.write(new)
 
 
+def ensure_writable(workdir: str) -> None:
+    """Creates ``workdir``; ``WorkdirError`` unless a file can be written there."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=workdir):
+            pass
+    except OSError as e:
+        raise WorkdirError(f"run directory {workdir!r} is not writable: {e}") from e
+
+
+def logged_eval(workdir: str, name: str) -> dict | None:
+    """The summary of evaluation ``name`` last logged in ``WORKDIR/metrics.jsonl``."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    found = None
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                if rec.get("kind") == "eval" and name in rec.get("eval", {}):
+                    found = rec["eval"][name]
+    return found
+
+
 class RunWriter:
     """``config.json``, ``metrics.jsonl``, ``samples.jsonl`` and TensorBoard of one run."""
 
@@ -113,12 +139,7 @@ class RunWriter:
         self._metrics = self._samples = self._tb = None
         if not is_main:
             return
-        try:
-            os.makedirs(self.workdir, exist_ok=True)
-            with tempfile.TemporaryFile(dir=self.workdir):
-                pass
-        except OSError as e:
-            raise WorkdirError(f"run directory {self.workdir!r} is not writable: {e}") from e
+        ensure_writable(self.workdir)
         paths = [os.path.join(self.workdir, n) for n in ("metrics.jsonl", "samples.jsonl")]
         for p in paths:
             _repair(p, purge_step)

@@ -26,10 +26,10 @@ COMMON = [
     "--config.data.synthetic_max_people=1", "--config.log.samples_every=2",
     "--config.log.memory_plan=false",
 ]
-SFT = COMMON + ["--config.mode=sft", "--config.sft.steps=6", "--config.sft.batch_size=4"]  # noqa
-GRPO = COMMON + ["--config.mode=grpo", "--config.train.steps=6", "--config.train.batch_size=2",
-                 "--config.grpo.group_size=4", "--config.rollout.max_new_tokens=16",
-                 "--config.checkpoint.every=2"]
+# SFT children (a GRPO child compiles twice as much; the GRPO loop's resume is checked
+# in-process in test_train_guard.py, sharing test_train_modes' compiled programs).
+SFT = COMMON + ["--config.mode=sft", "--config.sft.steps=6", "--config.sft.batch_size=4",
+                "--config.checkpoint.every=2"]
 
 
 @pytest.fixture(scope="module")
@@ -102,9 +102,9 @@ def assert_same_run(ref, other, kind, steps):
 
 
 @pytest.fixture(scope="module")
-def grpo_reference(tmp_path_factory, env):
-    workdir = str(tmp_path_factory.mktemp("grpo_ref"))
-    out = launch(GRPO, workdir, env)
+def sft_reference(tmp_path_factory, env):
+    workdir = str(tmp_path_factory.mktemp("sft_ref"))
+    out = launch(SFT, workdir, env)
     assert out.returncode == 0, out.stdout + out.stderr
     return workdir
 
@@ -124,47 +124,47 @@ def wait_until(proc, predicate, what, timeout=600):
     raise TimeoutError(what)
 
 
-def test_killed_and_preempted_run_resumes_bitwise(grpo_reference, tmp_path, env):
-    """One GRPO run stopped three ways, resumed each time with the same command, ends
+def test_killed_and_preempted_run_resumes_bitwise(sft_reference, tmp_path, env):
+    """One SFT run stopped three ways, resumed each time with the same command, ends
     bitwise equal to the uninterrupted run: SIGKILL between checkpoints, SIGKILL during an
     asynchronous save, SIGTERM (checkpoint and exit 143). Then a changed config is refused."""
     workdir = str(tmp_path / "run")
     ckdir = os.path.join(workdir, "checkpoints")
     # 1. SIGKILL between checkpoints: checkpoint 2 complete, step 3 done (to be replayed).
-    proc = start(GRPO, workdir, env)
-    wait_for_step(proc, workdir, "grpo", 3)
+    proc = start(SFT, workdir, env)
+    wait_for_step(proc, workdir, "sft", 3)
     wait_until(proc, lambda: "2" in checkpoint_entries(workdir), "checkpoint 2")
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert Checkpointer(ckdir, every=2, keep=3).steps() == [2]
     # 2. Resumed, then SIGKILL while checkpoint 4 is being written (orbax's temporary folder).
-    proc = start(GRPO, workdir, env)
+    proc = start(SFT, workdir, env)
     wait_until(proc, lambda: any(e.startswith("4.") for e in checkpoint_entries(workdir)),
                "the save of checkpoint 4")
     proc.send_signal(signal.SIGKILL)
     text, _ = proc.communicate(timeout=60)
-    assert "resuming from checkpoint" in text and "grpo step 2 of 6" in text
+    assert "resuming from checkpoint" in text and "sft step 2 of 6" in text
     assert Checkpointer(ckdir, every=2, keep=3).steps() == [2]  # the torn save is not a step
     # 3. Resumed again, then SIGTERM: the step finishes, a checkpoint is written, exit 143.
     t0 = time.time()
-    proc = start(GRPO, workdir, env)
-    wait_for_step(proc, workdir, "grpo", 3, since=t0)
+    proc = start(SFT, workdir, env)
+    wait_for_step(proc, workdir, "sft", 3, since=t0)
     proc.send_signal(signal.SIGTERM)
     text, _ = proc.communicate(timeout=300)
     assert proc.returncode == 143, text
     steps = Checkpointer(ckdir, every=2, keep=3).steps()
     assert steps[0] == 2 and 3 <= steps[-1] < 6, steps
-    assert f"preempted: stopped after grpo step {steps[-1]}" in text
+    assert f"preempted: stopped after sft step {steps[-1]}" in text
     assert not os.path.exists(os.path.join(workdir, "export"))
     # 4. Resumed to the end.
-    out = launch(GRPO, workdir, env)
+    out = launch(SFT, workdir, env)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert f"grpo step {steps[-1]} of 6" in out.stdout
-    assert_same_run(grpo_reference, workdir, "grpo", 6)
+    assert f"sft step {steps[-1]} of 6" in out.stdout
+    assert_same_run(sft_reference, workdir, "sft", 6)
     # 5. A different config refuses to resume (before building anything) and names the field.
-    out = launch(GRPO + ["--config.train.optim.learning_rate=0.5"], workdir, env)
+    out = launch(SFT + ["--config.sft.optim.learning_rate=0.5"], workdir, env)
     assert out.returncode == 2
-    assert "train.optim.learning_rate: 0.0001 -> 0.5" in out.stderr
+    assert "sft.optim.learning_rate: 0.001 -> 0.5" in out.stderr
     assert "force_resume" in out.stderr and "parameters) on" not in out.stdout
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from dipr1_jax.train import modes
 from dipr1_jax.train.checkpoint import Checkpointer
-from dipr1_jax.train.loop import NonFiniteError, SFTLoop
+from dipr1_jax.train.loop import GRPOLoop, NonFiniteError, SFTLoop
 from dipr1_jax.train.writers import read_metrics
 from test_train_modes import tiny_config
 
@@ -55,26 +55,32 @@ def test_nonfinite_steps_are_skipped_and_too_many_in_a_row_stop(tmp_path):
     assert recs[3]["skipped"] == 0 and np.isfinite(recs[3]["loss"])
 
 
-def test_sft_loop_resumes_bitwise_from_its_checkpoint(tmp_path):
-    """SFT's side of exact resume (the GRPO side runs in child processes in
+def test_grpo_loop_resumes_bitwise_from_its_checkpoint(tmp_path):
+    """The GRPO loop's side of exact resume (child processes killed and resumed run SFT in
     test_train_checkpoint.py): a fresh loop restored from the step-2 checkpoint of a run
-    stopped after step 3 ends equal to an uninterrupted run, data order included."""
-    cfg = tiny_config(**{"sft.steps": 6, "sft.batch_size": 4})
-    run, model = modes._prepare(cfg, str(tmp_path / "ref"))
-    ref = SFTLoop(run, model)
-    ref.train()
-    run, model = modes._prepare(cfg, str(tmp_path / "a"))
-    first = SFTLoop(run, model)
+    stopped after step 3 ends equal to an uninterrupted run (data order, rollout keys,
+    reference policy). Same shapes and budgets as test_train_modes' pipeline, so the
+    compiled programs are shared."""
+    cfg = tiny_config()
+
+    def loop_in(name):
+        run, model = modes._prepare(cfg, str(tmp_path / name))
+        return GRPOLoop(run, model)
+
+    ref = loop_in("ref")
+    ref.train(steps=5)  # of the configured 12 (the schedule's length, shared compile)
+    first = loop_in("a")
     first.ckpt = Checkpointer(str(tmp_path / "ck"), every=2, keep=3)
     first.train(steps=3)
     first.ckpt.wait()
     assert first.ckpt.steps() == [2]
-    run, model = modes._prepare(cfg, str(tmp_path / "b"))  # the process after a restart
-    second = SFTLoop(run, model)
+    second = loop_in("b")  # the process after a restart
     second.ckpt = Checkpointer(str(tmp_path / "ck"), every=2, keep=3)
     assert second.resume() == 2
-    second.train()
-    assert second.step == 6
+    second.train(steps=5)
+    assert second.step == 5
     assert all(np.array_equal(a, b) for a, b in zip(params_of(ref), params_of(second)))
     assert all(np.array_equal(a, b) for a, b in zip(
         jax.tree.leaves(ref.state.opt_state), jax.tree.leaves(second.state.opt_state)))
+    # Not vacuous: the parameters moved between the checkpoint and the end.
+    assert not all(np.array_equal(a, b) for a, b in zip(params_of(first), params_of(ref)))

@@ -252,11 +252,12 @@ def _architecture(cfg: ModelConfig) -> dict:
     return d
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
+def flatten_dict(d: dict, prefix: str = "") -> dict:
+    """``{'a.b': leaf}`` of a nested dict."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten_dict(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -264,8 +265,8 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def check_preset(cfg: ModelConfig, name: str) -> None:
     """Raises ConfigError naming every architecture field where ``cfg`` differs from preset."""
-    want = _flatten(_architecture(preset(name)))
-    got = _flatten(_architecture(cfg))
+    want = flatten_dict(_architecture(preset(name)))
+    got = flatten_dict(_architecture(cfg))
     diff = [f"{k}: config.json has {got[k]!r}, preset has {want[k]!r}"
             for k in want if got[k] != want[k]]
     if diff:

@@ -29,6 +29,8 @@ from typing import Any, Mapping
 import jax
 from absl import logging
 
+from dipr1_jax.model.config import flatten_dict
+
 ITEMS = ("state", "extra")
 PREEMPTED_EXIT = 143  # 128 + SIGTERM: what the launch/ scripts read as a preemption
 
@@ -37,24 +39,14 @@ class ResumeError(RuntimeError):
     """The workdir holds a run that this command may not continue."""
 
 
-def _flat(d: Mapping[str, Any], prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, Mapping):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 # Fields that may change between a run and its resumption.
 RESUMABLE_FIELDS = ("checkpoint.force_resume", "checkpoint.every", "checkpoint.keep")
 
 
 def config_diff(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """``"a.b: saved -> current"`` for every leaf that differs (JSON-normalised)."""
-    a = _flat(json.loads(json.dumps(saved)))
-    b = _flat(json.loads(json.dumps(current)))
+    a = flatten_dict(json.loads(json.dumps(saved)))
+    b = flatten_dict(json.loads(json.dumps(current)))
     return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
             for k in sorted(set(a) | set(b))
             if k not in RESUMABLE_FIELDS and a.get(k) != b.get(k)]

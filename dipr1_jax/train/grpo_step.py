@@ -88,15 +88,16 @@ def make_grpo_step(graphdef, optim: OptimSection, total_steps: int, cfg: GRPOCon
 
     def step(state: TrainState, frozen, mbs, denom):
         grads, sums = accumulate(state.params, frozen, mbs, denom)
-        loss_of_step = sums["loss_sum"] / denom
+        loss = sums["loss_sum"] / denom
+        grad_norm = optax.tree_utils.tree_norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        params, opt_state, skipped = keep_if_finite(loss_of_step, grads, state,
+        params, opt_state, skipped = keep_if_finite(loss, grad_norm, state,
                                                     params, opt_state)
         tokens = jnp.maximum(sums["tokens"], 1.0)
         metrics = {
-            "loss": sums["loss_sum"] / denom,
-            "grad_norm": optax.tree_utils.tree_norm(grads),
+            "loss": loss,
+            "grad_norm": grad_norm,
             "lr": schedule(state.step),
             "clip_fraction": sums["clipped_tokens"] / tokens,
             "kl": sums["kl_sum"] / tokens,

@@ -318,10 +318,10 @@ class GRPOLoop(_Loop):
             mbs["old_logp"] = self.logprob_fn(self.state.params, self.frozen, mbs)
         m = {}
         if denom > 0:
-            for _ in range(c.grpo.mu):
+            for _ in range(c.grpo.mu):  # each update passes the non-finite guard
                 self.state, m = self.step_fn(self.state, self.frozen, mbs, jnp.float32(denom))
-            m = _host(m)
-            self._guard(m)
+                m = _host(m)
+                self._guard(m)
         t3 = time.perf_counter()
         dt = t3 - t0
         self.elapsed += dt

@@ -44,12 +44,12 @@ def make_sft_step(graphdef, optim: OptimSection, total_steps: int, *, chunk: int
 
     def step(state: TrainState, frozen, batch):
         (loss, (nll, tokens)), grads = grad_fn(state.params, frozen, batch)
-        loss_of_step = loss
+        grad_norm = optax.tree_utils.tree_norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        params, opt_state, skipped = keep_if_finite(loss_of_step, grads, state,
+        params, opt_state, skipped = keep_if_finite(loss, grad_norm, state,
                                                     params, opt_state)
-        metrics = {"loss": loss, "grad_norm": optax.tree_utils.tree_norm(grads),
+        metrics = {"loss": loss, "grad_norm": grad_norm,
                    "lr": schedule(state.step), "tokens": tokens,
                    "perplexity": jnp.exp(loss), "skipped": skipped}
         return TrainState(state.step + 1, params, opt_state), metrics

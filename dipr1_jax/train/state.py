@@ -66,11 +66,11 @@ def make_optimizer(cfg: OptimSection, total_steps: int) -> optax.GradientTransfo
     return optax.chain(*parts), schedule
 
 
-def keep_if_finite(loss, grads, state: "TrainState", params, opt_state):
+def keep_if_finite(loss, grad_norm, state: "TrainState", params, opt_state):
     """The non-finite guard of both steps: ``(params, opt_state, skipped)`` where a step
     whose loss or gradient norm is not finite keeps the previous parameters and optimizer
     state (``skipped`` = 1.0; the step still counts)."""
-    ok = jnp.isfinite(loss) & jnp.isfinite(optax.tree_utils.tree_norm(grads))
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     pick = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
     return (jax.tree.map(pick, params, state.params), jax.tree.map(pick, opt_state, state.opt_state),
             1.0 - ok.astype(jnp.float32))

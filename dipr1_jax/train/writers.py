@@ -114,18 +114,9 @@ def ensure_writable(workdir: str) -> None:
 
 def logged_eval(workdir: str, name: str) -> dict | None:
     """The summary of evaluation ``name`` last logged in ``WORKDIR/metrics.jsonl``."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    found = None
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue
-                if rec.get("kind") == "eval" and name in rec.get("eval", {}):
-                    found = rec["eval"][name]
-    return found
+    found = [r["eval"][name] for r in read_metrics(workdir)
+             if r.get("kind") == "eval" and name in r.get("eval", {})]
+    return found[-1] if found else None
 
 
 class RunWriter:

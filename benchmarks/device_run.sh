@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The prepared accelerator check (one call on a lent GPU/TPU machine):
 # sampler prefill/decode throughput (fraction of the memory-bandwidth bound,
-# and transformers generate on the same card), then the model's
-# forward+backward step time and MFU with and without layer scan.
+# and transformers generate on the same card), attention-backend parity (fused
+# kernel vs xla), then the model's forward+backward step time and MFU with the
+# xla and the fused attention backend (scan on) and without layer scan (auto).
 #   OUT=/tmp/out bash benchmarks/device_run.sh
 # Uses the machine's own jax/optax/torch (no install): PYTHONPATH=. only. If
 # its flax is older than 0.12 and wheels were carried in .whl/, those are used.
@@ -24,8 +25,21 @@ fi
 XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 timeout "${SAMPLER_TIMEOUT:-210}" \
   python3 benchmarks/sampler_bench.py --device 2>&1 | grep --line-buffered -v Warning | tee "$OUT/sampler_bench.txt"
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
-timeout "${SCAN_TIMEOUT:-150}" python3 benchmarks/model_bench.py --device --scan on --steps 5 --parts \
-  2>&1 | grep --line-buffered -v Warning | tee "$OUT/model_bench_scan.txt"
+# Attention backends (issue 11 item 1): the fused kernel of this card (auto: cudnn on a CUDA
+# GPU, splash on TPU) against xla, outputs and gradients, then the 3B step with each backend.
+timeout "${ATTN_PARITY_TIMEOUT:-120}" python3 benchmarks/attention_parity.py 2>&1 \
+  | grep --line-buffered -v Warning | tee "$OUT/attention_parity.txt"
+FUSED=$(python3 -c "import jax; print({'gpu': 'cudnn', 'tpu': 'splash'}.get(jax.default_backend(), 'xla'))")
+ATTS=xla
+[ "$FUSED" != xla ] && ATTS="xla $FUSED"
+for ATT in $ATTS; do
+  timeout "${SCAN_TIMEOUT:-150}" python3 benchmarks/model_bench.py --device --scan on --steps 5 --parts \
+    --attention "$ATT" 2>&1 | grep --line-buffered -v Warning | tee "$OUT/model_bench_scan_$ATT.txt"
+done
+{
+  echo "attention backends, 3B step (scan on, remat full), same card:"
+  for ATT in $ATTS; do grep -h -E '^\[.*attention=|part:' "$OUT/model_bench_scan_$ATT.txt"; done
+} | tee "$OUT/attention_summary.txt"
 timeout "${NOSCAN_TIMEOUT:-150}" python3 benchmarks/model_bench.py --device --scan off --steps 5 \
   2>&1 | grep --line-buffered -v Warning | tee "$OUT/model_bench_noscan.txt"
 # One GRPO iteration of the 3B (ours, then TRL on the same card when trl is installed there).

@@ -15,6 +15,9 @@ tokens, image tokens included), and the compile time with and without layer
 scan.
 
     python benchmarks/model_bench.py --device [--preset qwen2.5-vl-3b] [--batch 4]
+
+``--attention auto|xla|cudnn|splash`` picks ``model.attention`` (both modes; auto: cudnn
+on a CUDA GPU, splash on TPU, xla on CPU); ``--models`` the CPU presets.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from dipr1_jax.model import attention as attn  # noqa: E402
 from dipr1_jax.model import create_model, load_hf, param_table, preset, to_hf_dict, vision  # noqa: E402
 
 # Dense bf16 peak (TFLOP/s) by device kind.
@@ -98,7 +102,8 @@ def compile_time(model, args) -> float:
     return time.perf_counter() - t
 
 
-def cpu_bench(name: str, batch: int, text_len: int, grid_hw, steps: int) -> None:
+def cpu_bench(name: str, batch: int, text_len: int, grid_hw, steps: int,
+              attention: str = "auto") -> None:
     import torch
     import transformers
     cfg = preset(name)
@@ -107,7 +112,7 @@ def cpu_bench(name: str, batch: int, text_len: int, grid_hw, steps: int) -> None
     hf = transformers.AutoModelForImageTextToText.from_config(hc, dtype=torch.float32)
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
-        model = load_hf(d)
+        model = load_hf(d, attention=attention)
     hf.train()
     ids, mask, pix, grid = make_inputs(cfg, batch, text_len, grid_hw)
     targs = dict(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
@@ -136,10 +141,11 @@ def cpu_bench(name: str, batch: int, text_len: int, grid_hw, steps: int) -> None
     tj, tt = time_it(jax_step, steps), time_it(torch_step, steps)
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
-        scan_model = load_hf(d, scan_layers=True)
+        scan_model = load_hf(d, scan_layers=True, attention=attention)
     t_scan = compile_time(scan_model, args)
     tokens = ids.size
-    print(f"{name:11s} params={n_params(cfg) / 1e6:7.2f}M batch={batch} tokens={tokens} "
+    print(f"{name:11s} attention={attention} params={n_params(cfg) / 1e6:7.2f}M batch={batch} "
+          f"tokens={tokens} "
           f"patches={pix.shape[0]} | loss jax={lj:.5f} torch={lt:.5f} | step jax={tj * 1e3:8.1f} ms "
           f"torch={tt * 1e3:8.1f} ms | torch/jax = {tt / tj:5.2f}x | compile loop={t_compile:5.1f} s "
           f"scan={t_scan:5.1f} s", flush=True)
@@ -174,15 +180,16 @@ def parts_bench(model, args, steps: int) -> None:
 
 
 def device_bench(name: str, batch: int, text_len: int, grid_hw, steps: int, remat: str,
-                 scan_modes, parts: bool = False) -> None:
+                 scan_modes, parts: bool = False, attention: str = "auto") -> None:
     dev = jax.devices()[0]
     kind = dev.device_kind
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
     print(f"device: {kind} ({dev.platform}), jax {jax.__version__}; peak bf16 "
-          f"{peak} TFLOP/s", flush=True)
+          f"{peak} TFLOP/s; attention={attention} (-> {attn.resolve(attention)})", flush=True)
     for scan in scan_modes:
         cfg = preset(name, dtype="bfloat16", param_dtype="float32", remat=remat,
-                     scan_layers=scan, vision_max_patches=grid_hw[0] * grid_hw[1])
+                     scan_layers=scan, vision_max_patches=grid_hw[0] * grid_hw[1],
+                     attention=attention)
         t0 = time.perf_counter()
         model = create_model(cfg, seed=0)
         jax.block_until_ready(nnx.state(model))
@@ -207,7 +214,8 @@ def device_bench(name: str, batch: int, text_len: int, grid_hw, steps: int, rema
         tokens = ids.size
         flops = 6.0 * n * tokens
         mfu = flops / t / (peak * 1e12) if peak else float("nan")
-        print(f"{name} scan={scan} remat={remat} vision={vision.WINDOW_IMPL} params={n / 1e9:.3f}B batch={batch} "
+        print(f"[{kind}] {name} attention={attention} scan={scan} remat={remat} "
+              f"vision={vision.WINDOW_IMPL} params={n / 1e9:.3f}B batch={batch} "
               f"seq={ids.shape[1]} tokens={tokens} patches={pix.shape[0]} | init {t_init:.1f} s "
               f"compile {t_compile:.1f} s | step {t * 1e3:.1f} ms, {tokens / t:,.0f} tok/s, "
               f"MFU(6ND) {100 * mfu:.1f}% | loss {loss:.4f}", flush=True)
@@ -225,10 +233,14 @@ def main(argv=None):
     ap.add_argument("--grid", type=int, nargs=2, default=(32, 32),
                     help="image patch grid h w (32 32 = 448x448 px, 256 image tokens)")
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--models", default="tiny,bench-100m", help="CPU mode: presets to time")
     ap.add_argument("--remat", default="full")
     ap.add_argument("--scan", choices=["both", "on", "off"], default="both")
     ap.add_argument("--window-impl", choices=["blocked", "masked"], default="blocked",
                     help="vision windowed blocks: window slots (default) or dense masked scores")
+    ap.add_argument("--attention", choices=attn.BACKENDS, default="auto",
+                    help="model.attention backend (model/attention.py); auto: cudnn on GPU, "
+                         "splash on TPU, xla on CPU")
     ap.add_argument("--parts", action="store_true",
                     help="--device: also time the vision tower and the decoder + loss alone")
     a = ap.parse_args(argv)
@@ -236,12 +248,17 @@ def main(argv=None):
     if a.device:
         modes = {"both": (True, False), "on": (True,), "off": (False,)}[a.scan]
         device_bench(a.preset, a.batch, a.text_len, tuple(a.grid), a.steps, a.remat, modes,
-                     a.parts)
+                     a.parts, a.attention)
         return
     print(f"CPU: jax {jax.__version__} on {jax.devices()[0].device_kind}; ratio = torch/jax "
           "(median step time, forward+backward, same weights and inputs)", flush=True)
-    cpu_bench("tiny", batch=2, text_len=32, grid_hw=(8, 8), steps=a.steps)
-    cpu_bench("bench-100m", batch=2, text_len=96, grid_hw=(16, 16), steps=a.steps)
+    models = a.models.split(",")
+    if "tiny" in models:
+        cpu_bench("tiny", batch=2, text_len=32, grid_hw=(8, 8), steps=a.steps,
+                  attention=a.attention)
+    if "bench-100m" in models:
+        cpu_bench("bench-100m", batch=2, text_len=96, grid_hw=(16, 16), steps=a.steps,
+                  attention=a.attention)
 
 
 if __name__ == "__main__":

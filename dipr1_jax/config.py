@@ -189,6 +189,9 @@ class ModelSection(_Validated):
     scan_layers: bool = _f(False, "nnx.scan over the decoder layers")
     vision_max_patches: int = _f(0, "per-image vision layout with this many patches per image "
                                     "(0: flat layout; set it for large images)")
+    attention: Literal["auto", "xla", "cudnn", "splash"] = _f(
+        "auto", "attention backend (model/attention.py): auto = cudnn on a CUDA GPU, splash "
+                "on TPU, xla elsewhere")
     logprob_chunk: int = _f(256, "sequence chunk of the float32 log-prob computation")
     init: Literal["hf", "fan_in"] = _f(
         "fan_in", "random init: hf = normal(0.02) matrices (transformers); fan_in = "

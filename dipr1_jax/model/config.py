@@ -25,6 +25,7 @@ from dipr1_jax.config import ConfigError, _Validated
 ModelType = Literal["qwen2_5_vl", "qwen2_vl"]
 Remat = Literal["none", "full", "dots", "dots_no_batch", "save_block_outputs"]
 DType = Literal["float32", "bfloat16"]
+Attention = Literal["auto", "xla", "cudnn", "splash"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +130,9 @@ class ModelConfig(_Validated):
     # Vision attention layout: 0 = one flat row over all patches of the batch (N^2 mask);
     # P > 0 = one row per image padded to P patches (a static bucket >= the largest image).
     vision_max_patches: int = 0
+    # Attention backend of the decoder (training forward, prefill) and the vision tower
+    # (model/attention.py): auto = cudnn on a CUDA GPU, splash on TPU, xla elsewhere.
+    attention: Attention = "auto"
 
     def validate(self):
         unit = self.vision.spatial_merge_size ** 2
@@ -246,7 +250,7 @@ def preset(name: str, **runtime: Any) -> ModelConfig:
 
 def _architecture(cfg: ModelConfig) -> dict:
     d = dataclasses.asdict(cfg)
-    for k in ("dtype", "param_dtype", "remat", "scan_layers", "vision_max_patches",
+    for k in ("dtype", "param_dtype", "remat", "scan_layers", "vision_max_patches", "attention",
               "bos_token_id", "eos_token_id", "pad_token_id"):
         d.pop(k)
     return d

@@ -23,6 +23,7 @@ from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 from flax import nnx
 
+from dipr1_jax.model import attention as A
 from dipr1_jax.model import layers as L
 from dipr1_jax.model.config import ModelConfig
 from dipr1_jax.model.rope import mrope_cos_sin
@@ -73,7 +74,7 @@ class Attention(nnx.Module):
         v = self.v_proj(x)
         q = constrain(q, ("batch", "seq", "act_heads", None))
         if kv is None:
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.scale)
+            out = A.decoder_attention(q, k, v, mask, self.scale)
             return self.o_proj(out), None
         ck, cv, layer = kv
         k, v = (jnp.swapaxes(a, 1, 2).astype(ck.dtype) for a in (k, v))  # [B, Hkv, T, D]
@@ -85,7 +86,11 @@ class Attention(nnx.Module):
             ck = jax.lax.dynamic_update_slice(ck, k[None], (layer, 0, 0, index, 0))
             cv = jax.lax.dynamic_update_slice(cv, v[None], (layer, 0, 0, index, 0))
             k, v = ck[layer], cv[layer]
-        out = cached_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.scale)
+        if mask.backend == "xla":
+            out = cached_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask.dense, self.scale)
+        else:  # [B, S, Hkv, D] for the fused kernels
+            k, v = (jnp.swapaxes(a, 1, 2).astype(q.dtype) for a in (k, v))
+            out = A.decoder_attention(q, k, v, mask, self.scale)
         return self.o_proj(out), (ck, cv, layer)
 
 
@@ -184,9 +189,10 @@ class TextDecoder(nnx.Module):
                 raise ValueError("a KV-cache call needs the [B, S_max] attention_mask of the cache")
             attention_mask = jnp.ones((B, T), bool)
         index = None if cache is None else cache.index
-        mask = self.make_mask(attention_mask, T, index)
-        cos, sin = mrope_cos_sin(position_ids, t.head_dim, t.rope_theta, t.mrope_section)
         x = constrain(inputs_embeds.astype(L._dtype(cfg.dtype)), _ACT)
+        mask, x, position_ids, attention_mask, unroll = self._attention_mask(
+            attention_mask, x, position_ids, T, index)
+        cos, sin = mrope_cos_sin(position_ids, t.head_dim, t.rope_theta, t.mrope_section)
         policy = L.remat_policy(cfg.remat)
         fn = _call_layer if policy is None else nnx.remat(_call_layer, policy=policy)
         if cfg.scan_layers:
@@ -208,5 +214,38 @@ class TextDecoder(nnx.Module):
                 x, kv = fn(layer, x, cos, sin, mask, None if kv is None else (*kv[:2], i), index)
             if cache is not None:
                 cache = KVCache(kv[0], kv[1], cache.index + T)
+        if unroll is not None:
+            x = A.roll_rows(x, -unroll)
         x = self.norm(x)
         return x, cache
+
+    def _attention_mask(self, attention_mask, x, position_ids, T: int, index):
+        """The layers' ``DecoderMask`` for the configured attention backend (see
+        ``model/attention.py``). cudnn without a cache rolls every row left by its first
+        valid slot once here (embeddings, positions, mask; ``unroll`` undoes it on the
+        output), so the layers see right-padded causal rows. Returns
+        ``(mask, x, position_ids, attention_mask, unroll)``."""
+        t = self.cfg.text
+        if index is not None and T == 1:  # decode step: cached_attention, as always
+            backend = "xla"
+        else:
+            backend = A.choose(self.cfg.attention, "decoder" if index is None else "decoder_cache",
+                               dtype=x.dtype, head_dim=t.head_dim)
+        if backend == "xla":
+            return (A.DecoderMask(self.make_mask(attention_mask, T, index)), x, position_ids,
+                    attention_mask, None)
+        valid = attention_mask.astype(bool)
+        if backend == "splash":
+            return (A.DecoderMask(self.make_mask(attention_mask, T, index), valid=valid,
+                                  backend=backend), x, position_ids, attention_mask, None)
+        lo, length = A.key_range(valid)
+        A.check_contiguous(valid, lo, length)
+        unroll = None
+        if index is None:
+            x = constrain(A.roll_rows(x, lo), _ACT)
+            position_ids = jax.vmap(lambda p: A.roll_rows(p, lo))(position_ids)
+            attention_mask = A.roll_rows(attention_mask, lo)
+            unroll, lo = lo, None
+        mask = A.DecoderMask(self.make_mask(attention_mask, T, index), valid=None, lo=lo,
+                             length=length, q_start=index, backend=backend)
+        return mask, x, position_ids, attention_mask, unroll

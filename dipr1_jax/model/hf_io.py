@@ -273,7 +273,7 @@ def load_hf(path: str, *, dtype: str | None = None, param_dtype: str | None = No
     ``param_dtype``: dtype of the parameters (``'float32'`` / ``'bfloat16'``; default
     float32). ``dtype``: compute dtype of matmuls and activations, as
     ``ModelConfig.dtype`` (default: ``param_dtype``). Other ``runtime`` keys
-    (``remat``, ``scan_layers``, ``vision_max_patches``) go to the ModelConfig. With
+    (``remat``, ``scan_layers``, ``vision_max_patches``, ``attention``) go to the ModelConfig. With
     a ``mesh`` every parameter is created with its NamedSharding. ``expect_preset``
     (e.g. ``'qwen2.5-vl-7b'``): fail, naming each differing field, unless
     config.json has that preset's architecture.

@@ -37,6 +37,7 @@ import numpy as np
 import jax.numpy as jnp
 from flax import nnx
 
+from dipr1_jax.model import attention as A
 from dipr1_jax.model import layers as L
 from dipr1_jax.model.config import ModelConfig
 from dipr1_jax.model.rope import vision_cos_sin, vision_layout
@@ -199,6 +200,8 @@ class VisionAttention(nnx.Module):
         k = L.apply_rotary(k, cos, sin)
         if isinstance(mask, Windows):
             out = window_attention(q, k, val, mask, self.scale)
+        elif isinstance(mask, A.SegmentMask):  # full-attention blocks
+            out = A.segment_attention(q, k, val, mask, self.scale)
         else:
             out = jax.nn.dot_product_attention(q, k, val, mask=mask[:, None], scale=self.scale)
         return self.proj(out)
@@ -220,7 +223,8 @@ class VisionBlock(nnx.Module):
                              axes=("v_embed", "v_mlp"), **kw)
 
     def __call__(self, x, cos, sin, mask):
-        """``mask``: a dense ``[G, P, P]`` mask or a ``Windows`` slot layout."""
+        """``mask``: a dense ``[G, P, P]`` mask, a ``Windows`` slot layout or the full
+        blocks' ``attention.SegmentMask``."""
         x = x + self.attn(self.norm1(x), cos, sin, mask)
         x = x + self.mlp(self.norm2(x))
         return x
@@ -323,6 +327,7 @@ class VisionTower(nnx.Module):
         v = self.cfg.vision
         self._check(pixel_values)
         full, window, lay = self.attention_masks(grid_thw, pixel_values.shape[0])
+        full = self._full_attention_mask(full, lay, grid_thw)
         cos, sin = vision_cos_sin(lay["row"], lay["col"], v.head_dim, v.rope_theta)
         x = jnp.take(pixel_values, lay["index"], axis=0)  # [G, P, patch_dim]
         x = self.patch_embed(x)
@@ -337,6 +342,27 @@ class VisionTower(nnx.Module):
                 x = nnx.remat(lambda b, *a: b(*a), policy=policy)(blk, x, cos, sin, mask)
             x = constrain(x, axes)
         return x, lay
+
+    def _full_attention_mask(self, full, lay, grid_thw) -> A.SegmentMask:
+        """The full-attention blocks' mask for the configured attention backend (see
+        ``model/attention.py``); the windowed blocks use XLA with every backend (said once)."""
+        v = self.cfg.vision
+        dtype, hd = L._dtype(self.cfg.dtype), v.head_dim
+        windowed = v.window_size and any(i not in v.fullatt_block_indexes for i in range(v.depth))
+        if windowed:
+            A.choose(self.cfg.attention, "vision_window", dtype=dtype, head_dim=hd)
+        if not any(i in v.fullatt_block_indexes for i in range(v.depth)) and v.window_size:
+            return A.SegmentMask(full)
+        multi = not self.cfg.vision_max_patches and jnp.shape(grid_thw)[0] > 1
+        backend = A.choose(self.cfg.attention, "vision_flat_multi" if multi else "vision_full",
+                           dtype=dtype, head_dim=hd)
+        if backend == "cudnn":
+            A.check_single_frame(grid_thw)
+            return A.SegmentMask(full, length=jnp.sum(lay["valid"], axis=-1, dtype=jnp.int32),
+                                 backend=backend)
+        if backend == "splash":
+            return A.SegmentMask(full, segment=A.segment_ids(lay), backend=backend)
+        return A.SegmentMask(full)
 
     def hidden_states(self, pixel_values, grid_thw):
         """Block outputs ``[N, hidden_size]`` before the merger, in patch order (flat

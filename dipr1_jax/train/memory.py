@@ -162,7 +162,8 @@ def model_config(cfg: Config):
     from dipr1_jax.model import preset, read_hf_config
     m = cfg.model
     rt = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
-              scan_layers=m.scan_layers, vision_max_patches=m.vision_max_patches)
+              scan_layers=m.scan_layers, vision_max_patches=m.vision_max_patches,
+              attention=m.attention)
     path = _policy_path(cfg)
     return read_hf_config(path, **rt) if path else preset(m.preset, **rt)
 

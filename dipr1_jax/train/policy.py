@@ -36,7 +36,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jso
 def _runtime(cfg: Config, vision_max_patches: int) -> dict:
     m = cfg.model
     return dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
-                scan_layers=m.scan_layers,
+                scan_layers=m.scan_layers, attention=m.attention,
                 vision_max_patches=m.vision_max_patches or vision_max_patches)
 
 

@@ -85,7 +85,15 @@ class _OptionalParser(flags.ArgumentParser):
 
 
 def load_config_file(path: str) -> Config:
-    """Imports ``path`` and returns its ``get_config()``; errors name the file."""
+    """Imports ``path`` and returns its ``get_config()``; errors name the file.
+
+    ``path:ARG`` (ml_collections style, e.g. ``configs/qwen25vl.py:3b-grpo-v4-32``) calls
+    ``get_config("ARG")`` instead."""
+    spec_arg = None
+    if not os.path.isfile(path) and ":" in path:
+        file, _, arg = path.rpartition(":")
+        if os.path.isfile(file):
+            path, spec_arg = file, arg
     if not os.path.isfile(path):
         raise ConfigError(f"--config={path}: no such file")
     spec = importlib.util.spec_from_file_location("_dipr1_experiment_config", path)
@@ -98,12 +106,17 @@ def load_config_file(path: str) -> Config:
         raise ConfigError(f"--config={path}: failed to load: {type(e).__name__}: {e}") from None
     if not hasattr(module, "get_config"):
         raise ConfigError(f"--config={path}: defines no get_config()")
+    where = path if spec_arg is None else f"{path}:{spec_arg}"
     try:
-        cfg = module.get_config()
+        cfg = module.get_config() if spec_arg is None else module.get_config(spec_arg)
     except ConfigError as e:
-        raise ConfigError(f"--config={path}: {e}") from None
+        raise ConfigError(f"--config={where}: {e}") from None
+    except TypeError as e:  # ``path:ARG`` for a get_config() that takes no argument
+        if spec_arg is None:
+            raise
+        raise ConfigError(f"--config={where}: {e}") from None
     if not isinstance(cfg, Config):
-        raise ConfigError(f"--config={path}: get_config() returned {type(cfg).__name__}, "
+        raise ConfigError(f"--config={where}: get_config() returned {type(cfg).__name__}, "
                           "expected dipr1_jax.config.Config")
     return cfg
 

@@ -344,11 +344,59 @@ class EvalSection(_Validated):
     num_images: int = _f(0, "held-out images used (0: the whole split)")
     max_new_tokens: int = _f(0, "decode budget (0: rollout.max_new_tokens)")
     num_draw: int = _f(4, "images drawn into report/ per evaluation")
+    ood: str = _f("", "out-of-domain sets evaluated wherever the held-out split is evaluated "
+                      "before and after training: comma-separated name[@category]:root:split "
+                      "entries (readers of data.name; category: the object named in the prompt, "
+                      "default data.category), e.g. citypersons:/data/citypersons:val,"
+                      "uavdt@vehicle:/data/uavdt:test; logged as <eval name>/<name>")
 
     def validate(self):
         for name in ("every", "num_images", "max_new_tokens", "num_draw"):
             self._require(getattr(self, name) >= 0, name, "must be >= 0")
         self._require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        try:
+            parse_ood(self.ood)
+        except ValueError as e:
+            raise ConfigError(f"EvalSection.ood: {e} (got {self.ood!r})") from None
+
+
+OOD_NAMES = tuple(n for n in DATA_NAMES if n != "synthetic")
+
+
+@dataclasses.dataclass(frozen=True)
+class OODSet:
+    """One ``eval.ood`` entry: the reader ``name``, its ``root`` and ``split``, and the
+    ``category`` the prompts name ("" : ``data.category``)."""
+
+    name: str
+    root: str
+    split: str
+    category: str = ""
+
+
+def parse_ood(text: str) -> tuple[OODSet, ...]:
+    """The entries of ``eval.ood`` (``name[@category]:root:split``, comma-separated). The
+    name ends at the first ``:`` and the split starts after the last one, so a root may
+    hold ``:`` (``gs://...``) but no ``,``. Raises ValueError naming the bad entry."""
+    out, seen = [], set()
+    for entry in (e.strip() for e in text.split(",")):
+        if not entry:
+            continue
+        head, _, rest = entry.partition(":")
+        root, _, split = rest.rpartition(":")
+        name, _, category = head.partition("@")
+        if not (name and root.strip() and split):
+            raise ValueError(f"entry {entry!r} is not name[@category]:root:split")
+        if name not in OOD_NAMES:
+            raise ValueError(f"entry {entry!r}: {name!r} is not one of {', '.join(OOD_NAMES)}")
+        if "@" in head and not category:
+            raise ValueError(f"entry {entry!r}: empty category after '@'")
+        if name in seen:
+            raise ValueError(f"entry {entry!r}: {name!r} is listed twice (eval names must "
+                             "differ)")
+        seen.add(name)
+        out.append(OODSet(name, root.strip(), split.strip(), category))
+    return tuple(out)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -262,3 +262,27 @@ def eval_batches(cfg: DataSection, tokenizer, batch_size: int, num_images: int =
     ds = make_dataset(src, pipeline_config(cfg, batch_size, seed, shuffle=False, num_epochs=1),
                       tokenizer)
     return list(ds)
+
+
+def ood_section(cfg: DataSection, ood) -> DataSection:
+    """The data section of an ``eval.ood`` entry (``config.OODSet``): its reader, root and
+    split as the held-out split, every other setting (pixels, prompt style, task) the
+    run's, the category the entry names (default ``data.category``)."""
+    import dataclasses as dc
+    return dc.replace(cfg, name=ood.name, root=ood.root, eval_split=ood.split,
+                      category=ood.category or cfg.category)
+
+
+def check_ood(cfg) -> None:
+    """Reads the annotations of every ``eval.ood`` set of the config (``Config``) once, so
+    that a missing root, split or file fails at start-up, before any compute, with the
+    reader's message (naming the path) prefixed by the entry."""
+    from dipr1_jax.config import ConfigError, parse_ood
+    for ood in parse_ood(cfg.eval.ood):
+        where = f"eval.ood entry {ood.name}:{ood.root}:{ood.split}"
+        try:
+            reader_source(ood_section(cfg.data, ood), ood.split)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{where}: {e}") from None
+        except ValueError as e:  # malformed annotations, no records (ConfigError: exit 2)
+            raise ConfigError(f"{where}: {e}") from None

@@ -48,6 +48,7 @@ class Run:
     tokenizer: Any
     mesh: Any = None
     eval_data: list | None = None
+    ood_data: dict = dataclasses.field(default_factory=dict)  # eval.ood name -> batches
 
     @property
     def eos_ids(self) -> list[int]:

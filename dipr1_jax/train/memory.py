@@ -832,7 +832,7 @@ def plan(cfg: Config, mesh=None, *, kind: str | None = None, device_bytes: int |
         ws = act - res_b
 
     held, note = _held(cfg, kind, t_bytes, opt_bytes)
-    dev = 1 if mesh is None else int(mesh.devices.size)
+    dev = 1 if mesh is None else int(mesh.size)  # a Mesh or an AbstractMesh
     mshape = {} if mesh is None else dict(mesh.shape)
     return MemoryPlan(kind=kind, devices=dev, mesh_shape=mshape, shapes=shapes, remat=mcfg.remat,
                       params_trainable=t_bytes, params_frozen=f_bytes, optimizer=opt_bytes,

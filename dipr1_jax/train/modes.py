@@ -15,7 +15,7 @@ import time
 import jax
 from absl import logging
 
-from dipr1_jax.config import Config, replace_path, to_dict
+from dipr1_jax.config import Config, parse_ood, replace_path, to_dict
 from dipr1_jax.train import data as train_data
 from dipr1_jax.train import state as st
 from dipr1_jax.train.loop import GRPOLoop, Run, SFTLoop
@@ -43,18 +43,27 @@ def open_run(cfg: Config, workdir: str, tokenizer=None, mesh=None) -> Run:
     return Run(cfg, workdir, open_writer(cfg, workdir), tokenizer, mesh)
 
 
-def evaluate(run: Run, model, name: str, step: int = 0) -> dict:
-    """Greedy evaluation on the held-out split; logged as an ``eval`` object."""
+def evaluate(run: Run, model, name: str, step: int = 0, ood=None) -> dict:
+    """Greedy evaluation on the held-out split (or on ``ood``, an ``eval.ood`` entry:
+    ``config.OODSet``); logged as an ``eval`` object."""
     from dipr1_jax.train.evaluate import evaluate_policy
 
     c = run.cfg
-    if run.eval_data is None:
-        run.eval_data = train_data.eval_batches(c.data, run.tokenizer, c.eval.batch_size,
-                                                c.eval.num_images, c.seed)
+    if ood is not None:
+        if ood.name not in run.ood_data:
+            run.ood_data[ood.name] = train_data.eval_batches(
+                train_data.ood_section(c.data, ood), run.tokenizer, c.eval.batch_size,
+                c.eval.num_images, c.seed)
+        data = run.ood_data[ood.name]
+    else:
+        if run.eval_data is None:
+            run.eval_data = train_data.eval_batches(c.data, run.tokenizer, c.eval.batch_size,
+                                                    c.eval.num_images, c.seed)
+        data = run.eval_data
     t0 = time.perf_counter()
     with run.mesh_context():
         res = evaluate_policy(
-            model, run.eval_data, run.tokenizer, reward_cfg=c.rewards,
+            model, data, run.tokenizer, reward_cfg=c.rewards,
             max_new_tokens=c.eval.max_new_tokens or c.rollout.max_new_tokens,
             eos_token_ids=run.eos_ids, pad_token_id=run.tokenizer.pad_token_id, name=name,
             report_dir=os.path.join(run.workdir, "report"), num_draw=c.eval.num_draw)
@@ -65,6 +74,17 @@ def evaluate(run: Run, model, name: str, step: int = 0) -> dict:
     print(f"eval {name} ({time.perf_counter() - t0:.1f}s):\n"
           + eval_table({name: summary}, TABLE_KEYS), flush=True)
     return summary
+
+
+def evaluate_ood(run: Run, model, name: str, step: int, evals: dict,
+                 reuse: bool = False) -> None:
+    """Evaluates ``model`` on every ``eval.ood`` set as ``<name>/<set>`` into ``evals``;
+    with ``reuse`` (a resumed run) a set's evaluation already in metrics.jsonl is read
+    back instead."""
+    for ood in parse_ood(run.cfg.eval.ood):
+        key = f"{name}/{ood.name}"
+        prev = logged_eval(run.workdir, key) if reuse else None
+        evals[key] = prev if prev is not None else evaluate(run, model, key, step, ood)
 
 
 def resolve(cfg: Config, init_path: str | None = None) -> Config:
@@ -106,6 +126,7 @@ def memory_plan(cfg: Config, mesh) -> None:
 
 
 def _load(cfg: Config, workdir: str, init_path: str | None = None):
+    train_data.check_ood(cfg)  # a missing out-of-domain set fails before any compute
     mesh = st.build_mesh(cfg.mesh)
     memory_plan(cfg, mesh)
     model, tokenizer, desc = load_policy(cfg, mesh, init_path)
@@ -160,6 +181,7 @@ def _train_mode(cfg: Config, workdir: str, loop_cls, init_path: str | None,
               f"{resumed} of {loop.total_steps})", flush=True)
         before = logged_eval(workdir, before_name)
     evals = {before_name: before if before is not None else evaluate(run, model, before_name)}
+    evaluate_ood(run, model, before_name, 0, evals, reuse=resumed is not None)
     with Preemption() as preemption:
         loop.preemption = preemption
         loop.train(on_eval=_periodic(run, after_name))
@@ -173,6 +195,7 @@ def _train_mode(cfg: Config, workdir: str, loop_cls, init_path: str | None,
              if resumed is not None and resumed >= loop.total_steps else None)
     evals[after_name] = after if after is not None else evaluate(run, model, after_name,
                                                                  loop.step)
+    evaluate_ood(run, model, after_name, loop.step, evals, reuse=after is not None)
     export_policy(run, model, os.path.join(workdir, "export"))
     _finish(run, evals)
     return evals
@@ -190,9 +213,10 @@ def run_eval(cfg: Config, workdir: str) -> dict:
     cfg = resolve(cfg, cfg.init_from)
     run, model = _prepare(cfg, workdir, cfg.init_from or None)
     name = os.path.basename(os.path.normpath(cfg.init_from)) if cfg.init_from else "model"
-    summary = evaluate(run, model, name)
-    _finish(run, {name: summary})
-    return {name: summary}
+    evals = {name: evaluate(run, model, name)}
+    evaluate_ood(run, model, name, 0, evals)
+    _finish(run, evals)
+    return evals
 
 
 def run_pipeline(cfg: Config, workdir: str) -> dict:
@@ -200,22 +224,27 @@ def run_pipeline(cfg: Config, workdir: str) -> dict:
     cfg = resolve(cfg)
     run, model = _prepare(cfg, workdir)
     evals = {"base": evaluate(run, model, "base")}
+    evaluate_ood(run, model, "base", 0, evals)
     sft = SFTLoop(run, model)
     sft.train(on_eval=_periodic(run, "sft"))
     sft_model = sft.model()
     evals["sft"] = evaluate(run, sft_model, "sft", sft.step)
+    evaluate_ood(run, sft_model, "sft", sft.step, evals)
     export_policy(run, sft_model, os.path.join(workdir, "export", "sft"))
     grpo = GRPOLoop(run, sft_model)
     grpo.train(on_eval=_periodic(run, "sft+grpo"))
     grpo_model = grpo.model()
     evals["sft+grpo"] = evaluate(run, grpo_model, "sft+grpo", grpo.step)
+    evaluate_ood(run, grpo_model, "sft+grpo", grpo.step, evals)
     export_policy(run, grpo_model, os.path.join(workdir, "export"))
     extra = {"seconds": {"sft": sft.elapsed, "grpo": grpo.elapsed}}
     if cfg.control:
         # Control: SFT continued from its own state for the wall time GRPO took.
         before = sft.step
         sft.train(seconds=grpo.elapsed)
-        evals["sft-continued"] = evaluate(run, sft.model(), "sft-continued", sft.step)
+        control = sft.model()
+        evals["sft-continued"] = evaluate(run, control, "sft-continued", sft.step)
+        evaluate_ood(run, control, "sft-continued", sft.step, evals)
         extra["control_sft_steps"] = sft.step - before
     _finish(run, evals, extra)
     with open(os.path.join(workdir, "report", "summary.json"), "w") as f:

@@ -15,6 +15,13 @@ Modes (``--config.mode``):
 ``--workdir=DIR`` (default ``runs/<mode>-<time>``) receives config.json,
 metrics.jsonl, samples.jsonl, TensorBoard events, export/ and report/.
 
+Multi-host: one process per host, each running the same command. On a Cloud TPU
+slice ``jax.distributed`` starts from the TPU environment; elsewhere pass
+``--coordinator_address=HOST:PORT --num_processes=N --process_id=I``. Batch sizes
+stay global (each process reads its own slice of every batch); only process 0
+writes the workdir's logs, every process takes part in checkpoints, and a
+preemption notice stops all of them after the same step.
+
 Every config field is a flag; ``--help`` lists them. Bad values fail with one
 line naming the flag.
 
@@ -45,6 +52,15 @@ from dipr1_jax.config import Config, ConfigError
 cli.define_config_flags(Config())
 flags.adopt_module_key_flags(cli)  # so that --help lists every --config.* flag
 flags.DEFINE_string("workdir", None, "run directory (default: runs/<mode>-<time>)")
+flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                  "jax.distributed.initialize: auto = when --coordinator_address is given or "
+                  "the Cloud TPU environment names several hosts; on = always (JAX detects "
+                  "the cluster); off = never")
+flags.DEFINE_string("coordinator_address", None,
+                    "multi-process: host:port of process 0's coordinator (with "
+                    "--num_processes and --process_id; not needed on a TPU slice)")
+flags.DEFINE_integer("num_processes", None, "multi-process: number of processes")
+flags.DEFINE_integer("process_id", None, "multi-process: this process's index")
 
 
 def run_reward_demo(cfg: Config) -> dict:
@@ -108,13 +124,22 @@ def main(argv: list[str]) -> int:
     if cfg.mode == "reward-demo":
         run_reward_demo(cfg)
         return 0
+    from dipr1_jax import multihost
+    F = flags.FLAGS
+    try:
+        multihost.initialize(F.distributed, F.coordinator_address, F.num_processes,
+                             F.process_id)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     from dipr1_jax.train.modes import MODES
     from dipr1_jax.train.checkpoint import ResumeError
     from dipr1_jax.train.memory import MemoryPlanError
     from dipr1_jax.train.writers import WorkdirError
 
-    workdir = flags.FLAGS.workdir or os.path.join(
-        "runs", f"{cfg.mode}-{time.strftime('%Y%m%d-%H%M%S')}")
+    # (every process must use process 0's default: their clocks differ)
+    workdir = flags.FLAGS.workdir or multihost.broadcast_str(os.path.join(
+        "runs", f"{cfg.mode}-{time.strftime('%Y%m%d-%H%M%S')}"))
     try:
         MODES[cfg.mode](cfg, workdir)
     except (WorkdirError, FileNotFoundError, ConfigError, ResumeError, MemoryPlanError) as e:

@@ -36,6 +36,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from dipr1_jax import multihost
 from dipr1_jax.sharding import constrain
 
 PROMPT_BUCKET = 64  # prompt lengths are padded (on the left) to a multiple of this
@@ -246,7 +247,8 @@ def generate(model, input_ids, attention_mask, pixel_values=None, image_grid_thw
              pad_token_id: int | None = None, tokenizer: Any = None,
              suppress_token_ids: Sequence[int] | None = None,
              prompt_bucket: int = PROMPT_BUCKET, patch_bucket: int = PATCH_BUCKET,
-             cache_length: int | None = None) -> SampleOutput:
+             cache_length: int | None = None, mesh=None,
+             local_rows: bool = True) -> SampleOutput:
     """Samples ``group_size`` completions for each of ``B`` left-padded prompts.
 
     Args:
@@ -275,6 +277,13 @@ def generate(model, input_ids, attention_mask, pixel_values=None, image_grid_thw
         ``max_new_tokens``). A fixed value must hold the longest bucketed prompt
         plus ``max_new_tokens``; the decode program is then compiled once for
         all prompt buckets.
+      mesh, local_rows: multi-process runs only (ignored on one process). The
+        prompts are this process's rows of the global batch (``local_rows=True``,
+        as the training data is read) or the same full batch on every process
+        (``False``, the held-out set); the global arrays are built on ``mesh``
+        (``multihost.to_global``) and the output holds the same rows as the input.
+        Row ``b * G + g`` of the GLOBAL batch draws from its own split of ``rng``,
+        so the completions do not depend on the number of processes.
 
     Returns: :class:`SampleOutput` of numpy arrays.
     """
@@ -305,6 +314,19 @@ def generate(model, input_ids, attention_mask, pixel_values=None, image_grid_thw
                         len(pixel_values))
     ids, mask, pv, grid, row_valid = _pad_inputs(input_ids, attention_mask, pixel_values,
                                                  image_grid_thw, prompt_bucket, patch_bucket, pad)
+    multi = multihost.is_multi()
+    B_local = ids.shape[0]
+    if multi:
+        if mesh is None:
+            raise ValueError("generate: a multi-process run needs mesh=")
+        arrays = {"input_ids": ids, "attention_mask": mask, "row_valid": row_valid}
+        if pv is not None:
+            arrays.update(pixel_values=pv, image_grid_thw=grid)
+        placed = multihost.to_global(arrays, mesh, local=local_rows,
+                                     pad_values={"input_ids": pad})
+        row_valid = multihost.to_host(placed.pop("row_valid"), local=False)
+        ids, mask = placed["input_ids"], placed["attention_mask"]
+        pv, grid = placed.get("pixel_values"), placed.get("image_grid_thw")
     B, T = ids.shape
     cache_len = T + max_new_tokens
     if cache_length is not None:
@@ -317,20 +339,29 @@ def generate(model, input_ids, attention_mask, pixel_values=None, image_grid_thw
     shape_key = (B, T, None if pv is None else pv.shape[0], None if grid is None else grid.shape[0])
     _note_compile("prefill", shape_key + (cache_len, group_size))
     t_start = time.perf_counter()
+    put = ((lambda x: multihost.replicated(x, mesh)) if multi else jnp.asarray)
     cache, cache_mask, logits, next_pos = _prefill(
-        graphdef, state, jnp.asarray(ids), jnp.asarray(mask),
-        None if pv is None else jnp.asarray(pv), None if grid is None else jnp.asarray(grid),
+        graphdef, state, put(ids), put(mask),
+        None if pv is None else put(pv), None if grid is None else put(grid),
         cache_len=cache_len, group_size=group_size)
     N = B * group_size
     keys = jax.random.split(rng, N)
     _note_compile("decode", (N, cache_len, max_new_tokens, float(temperature), int(top_k),
                              float(top_p), eos, suppress))
-    skip = jnp.asarray(np.repeat(~row_valid, group_size))
+    skip = np.repeat(~np.asarray(row_valid), group_size)
+    if multi:
+        keys = multihost.replicated(jax.random.key_data(keys), mesh)
+        keys = jax.random.wrap_key_data(keys)
     tokens, lengths, logps, steps, _, bad = _decode(
-        graphdef, state, cache, cache_mask, logits, next_pos, keys, skip,
+        graphdef, state, cache, cache_mask, logits, next_pos, keys, put(skip),
         max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
         top_p=float(top_p), eos_ids=eos, pad_id=pad, suppress=suppress)
-    tokens, lengths, logps, bad = (np.asarray(x) for x in (tokens, lengths, logps, bad))
+    if multi:  # this process's rows (or all of them), in the input's row order
+        fetch = lambda x: multihost.to_host(x, local=local_rows)  # noqa: E731
+        B = B_local
+    else:
+        fetch = np.asarray
+    tokens, lengths, logps, bad = (fetch(x) for x in (tokens, lengths, logps, bad))
     if bad.any():
         rows = np.nonzero(bad)[0]
         logging.warning("sampler: non-finite logits in %d of %d rows (prompts %s): those rows "

@@ -113,6 +113,20 @@ def test_two_processes_get_disjoint_complete_shards(shuffle):
     assert seen[0] | seen[1] == {f"im{i}" for i in range(7)}
 
 
+def test_process_shards_slice_the_single_process_global_batches():
+    """Batch k of a 1-process run with batch size 4 is process 0's batch k followed by
+    process 1's (batch size 2 each): the global batches do not depend on the count."""
+    recs = _records(9)
+    one = [list(b["image_id"][b["valid"]]) for b in
+           pl.make_dataset(recs, _cfg(batch_size=4, shard_index=0, shard_count=1, seed=3))]
+    two = [[list(b["image_id"][b["valid"]]) for b in
+            pl.make_dataset(recs, _cfg(batch_size=2, shard_index=i, shard_count=2, seed=3))]
+           for i in range(2)]
+    two[1] += [[]] * (len(two[0]) - len(two[1]))  # the last global batch is short
+    assert len(one) == len(two[0]) == 3
+    assert [a + b for a, b in zip(*two)] == one
+
+
 def _take(it, n):
     return [next(it) for _ in range(n)]
 

@@ -173,6 +173,9 @@ def test_config_diff_names_fields_and_ignores_checkpoint_policy():
     b = {"sft": {"steps": 7, "optim": {"learning_rate": 1e-3}}, "checkpoint": {"every": 5}}
     assert config_diff(a, b) == ["sft.steps: 6 -> 7"]
     assert config_diff(a, a) == []
+    # A field newer than the saved config: equal at its default, a difference otherwise.
+    assert config_diff(a, {**a, "eval": {"ood": ""}}) == []
+    assert config_diff(a, {**a, "eval": {"ood": "x:y:z"}}) == ["eval.ood: '<absent>' -> 'x:y:z'"]
 
 
 def test_unreadable_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):

@@ -10,12 +10,16 @@
 ``RecordList``, :class:`~dipr1_jax.data.synthetic.SyntheticCrowds`, or
 ``tfds.data_source(...)`` of the builders in :mod:`dipr1_jax.data.tfds_builders`.
 
-Order of operations: take this process's shard (``source[shard_index::shard_count]``,
-disjoint and complete over processes), shuffle with ``seed`` (reshuffled each
-epoch), repeat ``num_epochs`` (None: forever), decode + preprocess + tokenise
-each example (in ``worker_count`` processes when > 0), pad a batch to bucketed
-shapes. Every process of a multi-host job must use the same config; set
-``pad_to_largest=True`` with explicit buckets so all processes emit one shape.
+Order of operations: shuffle with ``seed`` (reshuffled each epoch), repeat
+``num_epochs`` (None: forever), decode + preprocess + tokenise each example (in
+``worker_count`` processes when > 0), pad a batch of ``batch_size`` (per process)
+to bucketed shapes, and with ``shard_count`` > 1 keep every ``shard_count``-th batch
+from ``shard_index``: process p gets the p-th slice of each global batch of
+``shard_count * batch_size`` examples, so the processes' shards are disjoint and
+the global batches are those of one process reading them all. Every process of
+a multi-host job must use the same config. Shapes may differ between processes
+(each pads its own rows); ``multihost.to_global`` agrees them when it builds the
+global arrays (or set ``pad_to_largest=True`` with explicit buckets).
 
 Batch layout (a dict of numpy arrays; B = batch_size, always full: a short last
 batch is padded with rows whose ``valid`` is False):
@@ -266,18 +270,20 @@ def make_dataset(source, cfg: PipelineConfig = PipelineConfig(), tokenizer=None)
     if len(source) == 0:
         raise ValueError("make_dataset: the source is empty")
     index, count = process_shard(cfg)
+    if count > 1 and len(source) < count:
+        raise ValueError(f"make_dataset: {len(source)} records cannot be split over {count} "
+                         "processes")
     ds = grain.MapDataset.source(source)
-    if count > 1:
-        ds = ds[index::count]
-        if len(ds) == 0:
-            raise ValueError(f"make_dataset: shard {index} of {count} is empty "
-                             f"({len(source)} records)")
     if cfg.shuffle:
         ds = ds.shuffle(seed=cfg.seed)
     ds = ds.repeat(cfg.num_epochs)
     ds = ds.map(ExampleBuilder(tokenizer, cfg))
     ds = ds.batch(cfg.batch_size, drop_remainder=cfg.drop_remainder,
                   batch_fn=Collate(cfg, tokenizer.pad_token_id, cfg.vision.patch_dim))
+    if count > 1:
+        # Process p takes the p-th slice of every global batch: the global batches (one
+        # shuffled stream, count * batch_size examples each) do not depend on the count.
+        ds = ds[index::count]
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
                                               prefetch_buffer_size=2 * cfg.read_threads))
     if cfg.worker_count > 0:

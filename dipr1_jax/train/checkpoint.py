@@ -43,13 +43,22 @@ class ResumeError(RuntimeError):
 RESUMABLE_FIELDS = ("checkpoint.force_resume", "checkpoint.every", "checkpoint.keep")
 
 
+def _defaults() -> dict:
+    from dipr1_jax.config import Config, to_dict
+    return flatten_dict(json.loads(json.dumps(to_dict(Config()))))
+
+
 def config_diff(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """``"a.b: saved -> current"`` for every leaf that differs (JSON-normalised)."""
+    """``"a.b: saved -> current"`` for every leaf that differs (JSON-normalised). A field
+    the saved config predates (absent there) counts as equal when the current value is
+    its default: a run written before the field existed behaved as the default does."""
     a = flatten_dict(json.loads(json.dumps(saved)))
     b = flatten_dict(json.loads(json.dumps(current)))
+    defaults = _defaults()
     return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
             for k in sorted(set(a) | set(b))
-            if k not in RESUMABLE_FIELDS and a.get(k) != b.get(k)]
+            if k not in RESUMABLE_FIELDS and a.get(k) != b.get(k)
+            and not (k not in a and k in defaults and b.get(k) == defaults[k])]
 
 
 def check_resumable(workdir: str, current: Mapping[str, Any], force: bool) -> None:
@@ -142,11 +151,32 @@ class Checkpointer:
 class Preemption:
     """SIGTERM (a preemption notice) sets ``requested``; the loop checkpoints and exits at
     the end of its current step. A second SIGTERM exits at once (status 143): the last
-    complete checkpoint stays usable because saves are atomic."""
+    complete checkpoint stays usable because saves are atomic.
+
+    On several processes (``jax.distributed``) JAX's preemption service catches SIGTERM
+    instead, and ``should_stop(step)`` is ``multihost_utils.reached_preemption_sync_point``:
+    every process stops after the same step (the first one all of them reach after any
+    of them got the notice), so their checkpoints agree. The loops call it after every
+    step, as that protocol requires."""
 
     def __init__(self):
         self.requested = False
         self._previous = None
+        self._synced = self._sync_service()
+
+    @staticmethod
+    def _sync_service() -> bool:
+        if jax.process_count() == 1:
+            return False
+        from jax._src import distributed  # the service jax.distributed.initialize started
+        return getattr(distributed.global_state, "preemption_sync_manager", None) is not None
+
+    def should_stop(self, step: int) -> bool:
+        if self._synced:
+            from jax.experimental import multihost_utils
+            if multihost_utils.reached_preemption_sync_point(int(step)):
+                self.requested = True
+        return self.requested
 
     def _handler(self, signum, frame):
         if self.requested:
@@ -156,7 +186,8 @@ class Preemption:
               "now)", flush=True)
 
     def __enter__(self) -> "Preemption":
-        if threading.current_thread() is threading.main_thread():
+        # (With the sync service, installing a Python handler would hide SIGTERM from it.)
+        if not self._synced and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handler)
         return self
 

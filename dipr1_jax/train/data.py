@@ -12,6 +12,7 @@ split (kept in memory and reused by every evaluation of a run).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from absl import logging
@@ -246,10 +247,25 @@ def pipeline_config(cfg: DataSection, batch_size: int, seed: int, *, shuffle: bo
                           max_pixels=cfg.max_pixels)
 
 
-def train_iterator(cfg: DataSection, tokenizer, batch_size: int, seed: int):
-    """An endless iterator of shuffled training batches (reshuffled each epoch)."""
+def local_batch_size(batch_size: int, what: str) -> int:
+    """This process's share of a global batch (``what`` names the flag in errors)."""
+    import jax
+
+    n = jax.process_count()
+    if batch_size % n:
+        raise ValueError(f"{what}={batch_size} does not split over {n} processes "
+                         f"(use a multiple of {n})")
+    return batch_size // n
+
+
+def train_iterator(cfg: DataSection, tokenizer, batch_size: int, seed: int,
+                   what: str = "batch_size"):
+    """An endless iterator of shuffled training batches (reshuffled each epoch) of
+    ``batch_size`` prompts in all: on several processes, each reads its own slice of
+    every global batch (``make_dataset``)."""
     src = source(cfg, cfg.train_split, seed)
-    return iter(make_dataset(src, pipeline_config(cfg, batch_size, seed), tokenizer))
+    local = local_batch_size(batch_size, what)
+    return iter(make_dataset(src, pipeline_config(cfg, local, seed), tokenizer))
 
 
 def eval_batches(cfg: DataSection, tokenizer, batch_size: int, num_images: int = 0,
@@ -259,10 +275,14 @@ def eval_batches(cfg: DataSection, tokenizer, batch_size: int, num_images: int =
     if num_images and num_images < len(src):
         import grain
         src = grain.MapDataset.source(src)[:num_images]
-    ds = make_dataset(src, pipeline_config(cfg, batch_size, seed, shuffle=False, num_epochs=1),
-                      tokenizer)
-    return list(ds)
+    # Every process reads the whole held-out split (small) and evaluates the same global
+    # batches; the devices of all processes share the work.
+    pc = dataclasses.replace(pipeline_config(cfg, batch_size, seed, shuffle=False, num_epochs=1),
+                             shard_index=0, shard_count=1)
+    return list(make_dataset(src, pc, tokenizer))
 
+
+# ----------------------------------------------------------------------------- out of domain
 
 def ood_section(cfg: DataSection, ood) -> DataSection:
     """The data section of an ``eval.ood`` entry (``config.OODSet``): its reader, root and

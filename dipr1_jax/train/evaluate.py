@@ -128,12 +128,14 @@ def evaluate_policy(model, batches: Iterable[dict], tokenizer, *, reward_cfg: Re
                     num_samples: int = 8, cache_length: int | None = None, group_size: int = 1,
                     temperature: float = 0.0, rng=None,
                     spec: pp.VisionSpec = pp.VisionSpec(),
-                    generate_fn: Callable | None = None) -> EvalResult:
+                    generate_fn: Callable | None = None, mesh=None) -> EvalResult:
     """Evaluates ``model`` on ``batches`` (see the module docstring for what is measured).
 
     ``generate_fn`` (default ``sampler.generate``) is called with generate's
     arguments and must return a ``SampleOutput`` with ``texts``; ``spec`` must be
-    the pipeline's vision spec (only used to draw).
+    the pipeline's vision spec (only used to draw). ``mesh`` (given to ``generate_fn``
+    with ``local_rows=False``): on several processes every process passes the same
+    batches and gets every completion back, so all compute the same summary.
     """
     if generate_fn is None:
         from dipr1_jax import sampler
@@ -152,7 +154,8 @@ def evaluate_policy(model, batches: Iterable[dict], tokenizer, *, reward_cfg: Re
                           max_new_tokens=max_new_tokens, temperature=temperature,
                           eos_token_ids=list(eos), rng=jax.random.fold_in(rng, step),
                           pad_token_id=pad_token_id, tokenizer=tokenizer,
-                          cache_length=cache_length)
+                          cache_length=cache_length,
+                          **({} if mesh is None else {"mesh": mesh, "local_rows": False}))
         if out.texts is None:
             raise ValueError("evaluate_policy: generate_fn returned no texts")
         valid = np.asarray(batch["valid"], bool)

@@ -14,6 +14,7 @@ it by steps (or, for the SFT control of the pipeline, by wall time).
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from typing import Any
 
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from dipr1_jax import sampler
+from dipr1_jax import multihost, sampler
 from dipr1_jax.config import Config, to_dict
 from dipr1_jax.data.targets import target_ids, targets_for_batch
 from dipr1_jax.grpo import group_advantages, loss_denominator
@@ -59,6 +60,12 @@ class Run:
         return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
 
+def _rows(x) -> np.ndarray:
+    """Every process's rows of ``x`` (``[B_local, ...]``), in global row order."""
+    x = np.asarray(x)
+    return multihost.allgather(x).reshape((-1,) + x.shape[1:])
+
+
 def _host(tree):
     return jax.tree.map(lambda x: np.asarray(x).item() if np.ndim(x) == 0 else np.asarray(x),
                         jax.device_get(tree))
@@ -88,7 +95,12 @@ class _Loop:
     # -- checkpoints -------------------------------------------------------------------
     def _extra(self) -> dict:
         """What a checkpoint needs besides the train state (JSON)."""
-        return {"kind": self.kind, "data": self.data.get_state(), "elapsed": self.elapsed,
+        data = self.data.get_state()
+        # Each process's iterator position is the same (its shard is in the dataset, not
+        # in the state), so process 0's state restores every process; checked here.
+        multihost.check_same(json.dumps(data, sort_keys=True, default=str),
+                             "the data iterator state")
+        return {"kind": self.kind, "data": data, "elapsed": self.elapsed,
                 "bad_steps": self.bad_steps, "config": to_dict(self.run.cfg)}
 
     def _load_extra(self, extra: dict) -> None:
@@ -145,7 +157,7 @@ class _Loop:
         self._maybe_eval(on_eval, i, total)
         if self.ckpt is not None and self.ckpt.due(self.step):
             self.checkpoint()
-        if self.preemption is not None and self.preemption.requested:
+        if self.preemption is not None and self.preemption.should_stop(self.step):
             self._preempt()
 
     def _preempt(self):
@@ -201,7 +213,8 @@ class SFTLoop(_Loop):
         c = run.cfg
         super().__init__(run, model, c.sft.optim, c.sft.steps, c.sft.freeze_vision)
         from dipr1_jax.train.data import train_iterator
-        self.data = train_iterator(c.data, run.tokenizer, c.sft.batch_size, c.seed)
+        self.data = train_iterator(c.data, run.tokenizer, c.sft.batch_size, c.seed,
+                                   "sft.batch_size")
         self.step_fn = make_sft_step(self.policy.graphdef, self.optim, self.total_steps,
                                      chunk=c.model.logprob_chunk,
                                      state_shardings=self.state_shardings)
@@ -223,9 +236,12 @@ class SFTLoop(_Loop):
         with self.run.mesh_context():
             i = self.step if seconds is None else 0  # a resumed loop continues at its step
             start = time.perf_counter()
-            while (i < total) if seconds is None else (time.perf_counter() - start < seconds):
+            # (a time budget is process 0's clock: every process runs the same steps)
+            while (i < total) if seconds is None else multihost.from_main(
+                    time.perf_counter() - start < seconds):
                 t0 = time.perf_counter()
-                b = st.put_batch(self.batch(), self.run.mesh)
+                b = st.put_batch(self.batch(), self.run.mesh,
+                                 pad_id=self.run.tokenizer.pad_token_id)
                 self.state, m = self.step_fn(self.state, self.frozen, b)
                 m = _host(m)
                 dt = time.perf_counter() - t0
@@ -249,7 +265,12 @@ class GRPOLoop(_Loop):
         c = run.cfg
         super().__init__(run, model, c.train.optim, c.train.steps, c.train.freeze_vision)
         from dipr1_jax.train.data import train_iterator
-        self.data = train_iterator(c.data, run.tokenizer, c.train.batch_size, c.seed + 1)
+        self.data = train_iterator(c.data, run.tokenizer, c.train.batch_size, c.seed + 1,
+                                   "train.batch_size")
+        n = jax.process_count()
+        if c.train.micro_batch_size % n:
+            raise ValueError(f"train.micro_batch_size={c.train.micro_batch_size} does not "
+                             f"split over {n} processes (use a multiple of {n})")
         g = self.policy.graphdef
         self.step_fn = make_grpo_step(g, self.optim, self.total_steps, c.grpo,
                                       temperature=c.rollout.temperature,
@@ -277,7 +298,7 @@ class GRPOLoop(_Loop):
             max_new_tokens=c.rollout.max_new_tokens, temperature=c.rollout.temperature,
             top_p=c.rollout.top_p, top_k=c.rollout.top_k, eos_token_ids=self.run.eos_ids,
             rng=jax.random.fold_in(self.key, self.step), pad_token_id=self.run.tokenizer.pad_token_id,
-            tokenizer=self.run.tokenizer)
+            tokenizer=self.run.tokenizer, mesh=self.run.mesh, local_rows=True)
         return out
 
     def score(self, batch: dict, out) -> tuple[dict, np.ndarray]:
@@ -293,7 +314,7 @@ class GRPOLoop(_Loop):
                             "dropped): %r", self.step + 1, r["total"][b, g],
                             batch["image_id"][b], g, out.texts[b][g])
         keep_group = np.asarray(batch["valid"], bool) & ~bad_group
-        self.dropped_groups += int((np.asarray(batch["valid"], bool) & bad_group).sum())
+        self.dropped_groups += int(_rows(np.asarray(batch["valid"], bool) & bad_group).sum())
         keep = np.broadcast_to(keep_group[:, None], r["total"].shape)
         return r, keep
 
@@ -304,15 +325,19 @@ class GRPOLoop(_Loop):
         out = self.rollout(batch)
         t1 = time.perf_counter()
         r, keep = self.score(batch, out)
+        keep_local = keep
         total_r = np.where(keep, r["total"], 0.0)
         adv = np.asarray(group_advantages(total_r, c.grpo.scale_rewards))
         adv = np.where(keep, adv, 0.0)
         t2 = time.perf_counter()
         train = tb.rollout_batch(batch, out.tokens, out.lengths, adv, keep)
-        denom = float(loss_denominator(train["completion_mask"], c.grpo, keep))
-        B = train["input_ids"].shape[0]
+        # The whole (global) batch's denominator: a sum over rows, so over processes.
+        denom = float(_rows(np.asarray(
+            loss_denominator(train["completion_mask"], c.grpo, keep), np.float64)[None]).sum())
+        B = train["input_ids"].shape[0] * jax.process_count()  # prompts in the global batch
         n_micro = B // c.train.micro_batch_size if c.train.micro_batch_size else 1
-        mbs = st.put_batch(tb.split_micro_batches(train, n_micro), self.run.mesh, batch_axis=1)
+        mbs = st.put_batch(tb.split_micro_batches(train, n_micro), self.run.mesh, batch_axis=1,
+                           pad_id=self.run.tokenizer.pad_token_id)
         if self.ref is not None:
             mbs["ref_logp"] = self.logprob_fn(self.ref, self.frozen, mbs)
         if c.grpo.mu > 1:
@@ -326,8 +351,12 @@ class GRPOLoop(_Loop):
         t3 = time.perf_counter()
         dt = t3 - t0
         self.elapsed += dt
+        # Metrics over the global batch (every process's rows; one process: its own).
+        r_local = r
+        r = {k: _rows(v) for k, v in r.items()}
+        keep, adv, all_lengths = _rows(keep), _rows(adv), _rows(out.lengths)
         kept = keep[:, 0]
-        lengths = np.asarray(out.lengths)[keep]
+        lengths = all_lengths[keep]
         m.update({
             "reward": float(r["total"][keep].mean()) if keep.any() else float("nan"),
             **{f"reward/{k}": float(r[k][keep].mean()) if keep.any() else float("nan")
@@ -337,12 +366,12 @@ class GRPOLoop(_Loop):
             "zero_std_groups": float((r["total"][kept].std(axis=1) == 0).mean())
             if kept.any() else 0.0,
             "completion_len": float(lengths.mean()) if lengths.size else 0.0,
-            "tokens_per_s": float(np.asarray(out.lengths).sum()) / max(t1 - t0, 1e-9),
+            "tokens_per_s": float(all_lengths.sum()) / max(t1 - t0, 1e-9),
             "dropped_groups": self.dropped_groups,
             "time/rollout": t1 - t0, "time/reward": t2 - t1, "time/update": t3 - t2,
         })
         self._log(i, total, m)
-        self._samples(batch, out, r, keep)
+        self._samples(batch, out, r_local, keep_local)
         return m
 
     def _samples(self, batch, out, r, keep) -> None:

@@ -15,6 +15,7 @@ import time
 import jax
 from absl import logging
 
+from dipr1_jax import multihost
 from dipr1_jax.config import Config, parse_ood, replace_path, to_dict
 from dipr1_jax.train import data as train_data
 from dipr1_jax.train import state as st
@@ -66,7 +67,8 @@ def evaluate(run: Run, model, name: str, step: int = 0, ood=None) -> dict:
             model, data, run.tokenizer, reward_cfg=c.rewards,
             max_new_tokens=c.eval.max_new_tokens or c.rollout.max_new_tokens,
             eos_token_ids=run.eos_ids, pad_token_id=run.tokenizer.pad_token_id, name=name,
-            report_dir=os.path.join(run.workdir, "report"), num_draw=c.eval.num_draw)
+            report_dir=os.path.join(run.workdir, "report") if jax.process_index() == 0 else None,
+            num_draw=c.eval.num_draw, mesh=run.mesh)
     summary = dict(res.summary)
     run.writer.log(step, {"eval": {name: summary}}, kind="eval")
     if res.samples:
@@ -83,8 +85,18 @@ def evaluate_ood(run: Run, model, name: str, step: int, evals: dict,
     back instead."""
     for ood in parse_ood(run.cfg.eval.ood):
         key = f"{name}/{ood.name}"
-        prev = logged_eval(run.workdir, key) if reuse else None
+        prev = reuse_eval(run.workdir, key) if reuse else None
         evals[key] = prev if prev is not None else evaluate(run, model, key, step, ood)
+
+
+def reuse_eval(workdir: str, name: str) -> dict | None:
+    """The evaluation ``name`` logged in ``workdir``'s metrics.jsonl (a resumed run reuses
+    it), or None. Process 0 decides for all: an evaluation is a collective computation,
+    so either every process runs it or none does."""
+    prev = logged_eval(workdir, name)
+    if not multihost.from_main(prev is not None):
+        return None
+    return prev if prev is not None else {}  # (only process 0 writes what it reads)
 
 
 def resolve(cfg: Config, init_path: str | None = None) -> Config:
@@ -179,7 +191,7 @@ def _train_mode(cfg: Config, workdir: str, loop_cls, init_path: str | None,
     if resumed is not None:
         print(f"resuming from checkpoint {ckpt.directory}/{resumed} ({loop.kind} step "
               f"{resumed} of {loop.total_steps})", flush=True)
-        before = logged_eval(workdir, before_name)
+        before = reuse_eval(workdir, before_name)
     evals = {before_name: before if before is not None else evaluate(run, model, before_name)}
     evaluate_ood(run, model, before_name, 0, evals, reuse=resumed is not None)
     with Preemption() as preemption:
@@ -191,7 +203,7 @@ def _train_mode(cfg: Config, workdir: str, loop_cls, init_path: str | None,
         ckpt.close()
     model = loop.model()
     # A rerun of a run that had finished training keeps its logged final evaluation.
-    after = (logged_eval(workdir, after_name)
+    after = (reuse_eval(workdir, after_name)
              if resumed is not None and resumed >= loop.total_steps else None)
     evals[after_name] = after if after is not None else evaluate(run, model, after_name,
                                                                  loop.step)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -85,7 +86,21 @@ def build_mesh(cfg: MeshSection):
         devices = devices[:cfg.devices]
     if len(devices) == 1:
         return None
-    return shd.make_mesh(cfg.data, cfg.fsdp, cfg.tensor, devices=devices)
+    mesh = shd.make_mesh(cfg.data, cfg.fsdp, cfg.tensor, devices=devices)
+    if jax.process_count() > 1:
+        from dipr1_jax import multihost
+        if not multihost.process_major(mesh):
+            # Each process feeds the batch rows its own devices hold: keep every process's
+            # devices together along the batch axes (the topology-aware order of
+            # jax.make_mesh may interleave hosts there).
+            order = sorted(devices, key=lambda d: (d.process_index, d.id))
+            mesh = jax.sharding.Mesh(np.asarray(order).reshape(mesh.devices.shape),
+                                     mesh.axis_names, axis_types=mesh.axis_types)
+            if not multihost.process_major(mesh):
+                logging.warning("mesh %s: a process's devices span several batch shards "
+                                "(tensor axis across hosts?); batches are gathered on every "
+                                "host instead of read as disjoint shards", dict(mesh.shape))
+    return mesh
 
 
 def shardings_of(tree):
@@ -140,9 +155,18 @@ def init_state(trainable: dict, optimizer: optax.GradientTransformation, mesh=No
         else jax.device_put(x, rep), state)
 
 
-def put_batch(tree: dict, mesh, batch_axis: int = 0) -> dict:
+def put_batch(tree: dict, mesh, batch_axis: int = 0, pad_id: int = 0) -> dict:
     """Host arrays onto the mesh: the prompt axis (``batch_axis``) split over
-    ``('data', 'fsdp')`` when it divides, everything else replicated."""
+    ``('data', 'fsdp')`` when it divides, everything else replicated.
+
+    On several processes ``tree`` holds this process's rows only and the global
+    arrays are assembled from every process's part (``multihost.to_global``;
+    ``pad_id`` fills token arrays raised to the longest process's length)."""
+    from dipr1_jax import multihost
+
+    if multihost.is_multi():
+        return multihost.to_global(tree, mesh, batch_axis=batch_axis, local=True,
+                                   pad_values={"input_ids": pad_id, "completion": pad_id})
     if mesh is None:
         return jax.tree.map(jnp.asarray, tree)
     out = {}

@@ -97,9 +97,10 @@ def _repair(path: str, purge_step: int | None) -> None:
         lines = [json.dumps(r).encode() for r in recs
                  if r.get("step") is not None and r["step"] < purge_step and not r.get("final")]
     new = b"".join(ln + b"\n" for ln in lines)
-    if new != data:
-        with open(path, "wb") as f:
+    if new != data:  # atomically: other processes of a multi-host run may be reading it
+        with open(path + ".tmp", "wb") as f:
             f.write(new)
+        os.replace(path + ".tmp", path)
 
 
 def ensure_writable(workdir: str) -> None:

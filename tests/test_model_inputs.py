@@ -61,19 +61,27 @@ def tiny_model():
     return create_model(preset("tiny"), seed=0)
 
 
-def test_too_few_image_embedding_rows_raise_under_jit(good, tiny_model):
+def test_too_few_image_embedding_rows_raise_eagerly_and_give_nan_under_jit(good, tiny_model):
     """The image-pad tokens of the batch (24 + 6 = 30) outnumber the embedding rows
-    given: a jitted embed raises naming both counts instead of reusing rows."""
+    given: eagerly, embed raises naming both counts; under jit (no host callback, so the
+    program stays cacheable) the tokens without a row get NaN, never another image's
+    rows, and the rows that exist are used in order."""
     import jax
     import jax.numpy as jnp
     ids, _, _, _ = good
     n_tok = int((ids == mt.IMG).sum())
     assert n_tok == 30
     hidden = tiny_model.cfg.text.hidden_size
+    few = jax.random.normal(jax.random.key(1), (n_tok - 4, hidden))
+    with pytest.raises(ValueError, match=f"hold {n_tok} image tokens but only {n_tok - 4} "
+                                         "image-embedding rows"):
+        tiny_model.embed(jnp.asarray(ids), few)
     embed = jax.jit(lambda i, img: tiny_model.embed(i, img))
-    with pytest.raises(Exception, match=f"hold {n_tok} image tokens but only {n_tok - 4} "
-                                        "image-embedding rows"):
-        jax.block_until_ready(embed(jnp.asarray(ids), jnp.ones((n_tok - 4, hidden))))
+    got = np.asarray(embed(jnp.asarray(ids), few))[ids == mt.IMG]
+    np.testing.assert_array_equal(got[:n_tok - 4], np.asarray(few, got.dtype))
+    assert np.isnan(got[n_tok - 4:]).all()
+    assert "callback" not in str(jax.make_jaxpr(lambda i, img: tiny_model.embed(i, img))(
+        jnp.asarray(ids), few))
     # More rows than tokens is legitimate (patch counts padded to buckets): the extra
     # rows are unused, the token rows take the leading embedding rows in order.
     img = jax.random.normal(jax.random.key(0), (n_tok + 8, hidden))
@@ -84,14 +92,15 @@ def test_too_few_image_embedding_rows_raise_under_jit(good, tiny_model):
 
 
 def test_decode_path_embed_has_no_check(tiny_model):
-    """embed without images (the sampler's decode loop) traces no callback or cond."""
+    """embed without images (the sampler's decode loop) traces no image scatter (its
+    cumsum over image tokens) and nothing of the check; with images it does."""
     import jax
     import jax.numpy as jnp
     jaxpr = str(jax.make_jaxpr(lambda i: tiny_model.embed(i))(jnp.zeros((4, 1), jnp.int32)))
-    assert "callback" not in jaxpr and "cond" not in jaxpr
+    assert "callback" not in jaxpr and "cond" not in jaxpr and "cumsum" not in jaxpr
     with_img = str(jax.make_jaxpr(lambda i, e: tiny_model.embed(i, e))(
         jnp.zeros((4, 3), jnp.int32), jnp.zeros((2, tiny_model.cfg.text.hidden_size))))
-    assert "callback" in with_img  # (the check above is not vacuous)
+    assert "cumsum" in with_img  # (the check above is not vacuous)
 
 
 def test_image_embeds_argument_equals_pixel_path(good, tiny_model):

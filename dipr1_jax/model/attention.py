@@ -40,9 +40,10 @@ for an explicitly chosen backend, info under ``auto``), naming the layout:
 * decode steps (one query over the cache) always use ``cached_attention``.
 
 Correctness conditions that are checked at run time rather than trusted (a
-``jax.debug.callback`` inside a ``lax.cond``, as ``qwen_vl.scatter_image_embeds`` does):
-cudnn needs every decoder row's valid keys to be contiguous, and a multi-frame image
-(grid ``t > 1``) has several segments, which vision lengths cannot express.
+``jax.debug.callback`` inside a ``lax.cond``): cudnn needs every decoder row's valid
+keys to be contiguous, and a multi-frame image (grid ``t > 1``) has several segments,
+which vision lengths cannot express. (A program holding such a callback is not written
+to JAX's persistent compilation cache; only the cudnn paths trace one.)
 
 Outputs at padding queries differ between backends (xla: an average over the masked
 row; cudnn: zero; splash: attention among padding tokens); they are never read (loss

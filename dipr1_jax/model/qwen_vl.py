@@ -47,18 +47,20 @@ def scatter_image_embeds(inputs_embeds, input_ids, image_embeds, image_token_id:
 
     ``image_embeds`` may have MORE rows than there are image tokens (patch counts are
     padded to buckets with all-zero images; the extra rows are unused). FEWER rows is
-    an error, raised under ``jax.jit`` too: a host callback, traced into a ``lax.cond``
-    so it only runs when the count is wrong, raises a ``ValueError`` naming both counts
-    (under jit it surfaces as a ``JaxRuntimeError`` carrying that message when the
-    result is read). Image tokens without a row would get NaN features, never another
-    image's.
+    an error: called on concrete arrays it raises a ``ValueError`` naming both counts;
+    under ``jax.jit`` the image tokens without a row get NaN features, never another
+    image's, so the loss or the sampled row turns non-finite (the trainer's non-finite
+    guard and the sampler's ``nonfinite`` flag catch it). The trainer and the sampler
+    check their batches on the host before the jitted call (``check_inputs``), which
+    names the counts. (No host callback is traced here: a program holding one is never
+    written to JAX's persistent compilation cache.)
     """
     is_img = input_ids == image_token_id
     n_rows = image_embeds.shape[0]
-    n_tok = jnp.sum(is_img, dtype=jnp.int32)
-    jax.lax.cond(n_tok > n_rows,
-                 lambda n: jax.debug.callback(_raise_if_too_few_rows, n, n_rows),
-                 lambda n: None, n_tok)
+    if not isinstance(input_ids, jax.core.Tracer) and getattr(input_ids, "is_fully_addressable",
+                                                              True):
+        import numpy as np  # (numpy: inside a trace, jnp on constants would be traced)
+        _raise_if_too_few_rows(int((np.asarray(input_ids) == image_token_id).sum()), n_rows)
     idx = jnp.maximum(jnp.cumsum(is_img.reshape(-1)).reshape(is_img.shape) - 1, 0)
     picked = jnp.take(image_embeds.astype(inputs_embeds.dtype), idx, axis=0, mode="fill",
                       fill_value=jnp.nan)

@@ -27,6 +27,7 @@ from dipr1_jax import multihost, sampler
 from dipr1_jax.config import Config, to_dict
 from dipr1_jax.data.targets import target_ids, targets_for_batch
 from dipr1_jax.grpo import group_advantages, loss_denominator
+from dipr1_jax.model.qwen_vl import check_inputs
 from dipr1_jax.train import batch as tb
 from dipr1_jax.train import state as st
 from dipr1_jax.train.evaluate import score_completions
@@ -78,6 +79,7 @@ class _Loop:
 
     def __init__(self, run: Run, model, optim, total_steps: int, freeze_vision: bool):
         self.run = run
+        self.model_cfg = model.cfg
         self.policy = st.Policy.from_model(model)
         trainable, self.frozen = self.policy.split(freeze_vision)
         # Own copies: the state is donated to the step, the model's arrays may live on.
@@ -227,7 +229,12 @@ class SFTLoop(_Loop):
         tok = self.run.tokenizer
         ids = [target_ids(tok, t, tok.im_end_token_id) if v else np.zeros((0,), np.int32)
                for t, v in zip(texts, batch["valid"])]
-        return tb.sft_batch(batch, ids, tok.pad_token_id)
+        out = tb.sft_batch(batch, ids, tok.pad_token_id)
+        # The image-token / patch counts, checked here on the host (the jitted step only
+        # turns a mismatch into NaN features; see qwen_vl.scatter_image_embeds).
+        check_inputs(self.model_cfg, out["input_ids"], out["pixel_values"],
+                     out["image_grid_thw"])
+        return out
 
     def train(self, steps: int | None = None, seconds: float | None = None, on_eval=None) -> None:
         """``steps`` updates, or as many as fit in ``seconds`` of wall time; ``on_eval(loop)``

@@ -162,39 +162,50 @@ def _patch_counts(grid: np.ndarray, batch_axis: int) -> np.ndarray:
     return per_row.sum(axis=batch_axis).astype(np.int64)
 
 
-@jax.jit
 def _compact(blocks, idx):
     """``blocks [..., n_proc * W, D]`` -> ``[..., len, D]`` by ``idx`` (-1: a zero row)."""
-    safe = jnp.maximum(idx, 0)
-    taken = jnp.take_along_axis(blocks, safe[..., None], axis=-2)
-    return jnp.where((idx >= 0)[..., None], taken, 0).astype(blocks.dtype)
+    xp = np if isinstance(blocks, np.ndarray) else jnp
+    taken = xp.take_along_axis(blocks, xp.maximum(idx, 0)[..., None], axis=-2)
+    return xp.where((idx >= 0)[..., None], taken, 0).astype(blocks.dtype)
 
 
-def _global_pixels(pv: np.ndarray, grid: np.ndarray, mesh, batch_axis: int, dividing: int):
-    """Every process's patches -> one replicated ``[..., P, D]`` array in the compact
-    single-process layout (see the module docstring)."""
+def _pixel_layout(pv: np.ndarray, grid: np.ndarray, batch_axis: int, dividing: int = 1):
+    """This process's patches padded to the processes' common width (a multiple of
+    ``dividing``), and ``idx [..., n_proc * width]``: for each patch of the compact
+    single-process layout, its row in the process-blocked array (-1: padding)."""
     lead = pv.shape[:-2]
-    counts = _patch_counts(grid, batch_axis)  # [...] real patches of this process
     width = int(sync_max([pv.shape[-2]])[0])
     width = -(-width // dividing) * dividing
     pv = _pad_to(pv, lead + (width, pv.shape[-1]), None, 0)
     nproc = jax.process_count()
-    all_counts = allgather(np.asarray(counts).reshape(-1)).reshape((nproc,) + lead)
-    total = nproc * width
-    # idx[..., j]: the row of the process-blocked array holding compact patch j.
-    idx = np.full(lead + (total,), -1, np.int32)
+    counts = allgather(_patch_counts(grid, batch_axis).reshape(-1)).reshape((nproc,) + lead)
+    idx = np.full(lead + (nproc * width,), -1, np.int32)
     for li in np.ndindex(*lead) if lead else [()]:
         at = 0
         for p in range(nproc):
-            n = int(all_counts[(p,) + li])
+            n = int(counts[(p,) + li])
             idx[li + (slice(at, at + n),)] = p * width + np.arange(n)
             at += n
+    return pv, idx
+
+
+def _global_pixels(pv: np.ndarray, grid: np.ndarray, mesh, batch_axis: int):
+    """Every process's patches -> one replicated ``[..., P, D]`` array in the compact
+    single-process layout (see the module docstring), gathered on the devices."""
+    pv, idx = _pixel_layout(pv, grid, batch_axis, jax.local_device_count())
+    lead = pv.shape[:-2]
     spec = P(*([None] * len(lead)), batch_spec(mesh, 1, 0)[0], None)
     blocks = jax.make_array_from_process_local_data(
-        NamedSharding(mesh, spec), pv, lead + (total, pv.shape[-1]))
+        NamedSharding(mesh, spec), pv, lead + (idx.shape[-1], pv.shape[-1]))
     rep = NamedSharding(mesh, P())
-    idx = jax.make_array_from_callback(idx.shape, rep, lambda i: idx[i])
-    return jax.jit(_compact, out_shardings=rep)(blocks, idx)
+    return jax.jit(_compact, out_shardings=rep)(blocks, replicated(idx, mesh))
+
+
+def _host_pixels(pv: np.ndarray, grid: np.ndarray, batch_axis: int) -> np.ndarray:
+    """Every process's patches gathered on the host, in the compact layout."""
+    pv, idx = _pixel_layout(pv, grid, batch_axis)
+    blocks = np.moveaxis(allgather(pv), 0, -3)  # [..., n_proc, W, D]
+    return _compact(blocks.reshape(idx.shape + pv.shape[-1:]), idx)
 
 
 def to_global(tree: dict, mesh, *, batch_axis: int = 0, local: bool = True,
@@ -230,9 +241,8 @@ def to_global(tree: dict, mesh, *, batch_axis: int = 0, local: bool = True,
         target = [n if a == batch_axis else next(agreed) for a, n in enumerate(x.shape)]
         left = batch_axis + 1 if k in LEFT_PADDED else None
         padded[k] = _pad_to(x, target, left, pad_values.get(k, 0))
-    if not padded:
-        return out_pixels(tree, mesh, batch_axis, {})
-    rows = next(iter(padded.values())).shape[batch_axis] * nproc
+    rows = padded["image_grid_thw" if "image_grid_thw" in padded else keys[0]].shape[
+        batch_axis] * nproc
     if _splits_over_processes(mesh, rows):
         out = {}
         for k, x in padded.items():
@@ -241,7 +251,11 @@ def to_global(tree: dict, mesh, *, batch_axis: int = 0, local: bool = True,
             spec = batch_spec(mesh, x.ndim, batch_axis)
             out[k] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), x,
                                                             tuple(gshape))
-        return out_pixels(tree, mesh, batch_axis, out)
+        if "pixel_values" in tree:
+            out["pixel_values"] = _global_pixels(np.asarray(tree["pixel_values"]),
+                                                 np.asarray(tree["image_grid_thw"]), mesh,
+                                                 batch_axis)
+        return out
     # A batch too small to split over the devices (e.g. a micro-batch of 4 prompts on 8
     # devices) is replicated, as on one process: every process needs every row.
     full = {k: np.concatenate(list(allgather(x)), axis=batch_axis) for k, x in padded.items()}
@@ -277,31 +291,6 @@ def process_major(mesh, axes=("data", "fsdp")) -> bool:
         owner.append(procs.pop())
     per = len(owner) // jax.process_count()
     return per > 0 and owner == [p for p in range(jax.process_count()) for _ in range(per)]
-
-
-def out_pixels(tree, mesh, batch_axis, out):
-    if "pixel_values" in tree:
-        out["pixel_values"] = _global_pixels(
-            np.asarray(tree["pixel_values"]), np.asarray(tree["image_grid_thw"]), mesh,
-            batch_axis, jax.local_device_count())
-    return out
-
-
-def _host_pixels(pv: np.ndarray, grid: np.ndarray, batch_axis: int) -> np.ndarray:
-    """Every process's patches gathered on the host, in the compact layout."""
-    lead = pv.shape[:-2]
-    counts = allgather(np.asarray(_patch_counts(grid, batch_axis)).reshape(-1)).reshape(
-        (-1,) + lead)
-    width = int(sync_max([pv.shape[-2]])[0])
-    blocks = allgather(_pad_to(pv, lead + (width, pv.shape[-1]), None, 0))  # [P, ..., W, D]
-    out = np.zeros(lead + (len(blocks) * width, pv.shape[-1]), pv.dtype)
-    for li in np.ndindex(*lead) if lead else [()]:
-        at = 0
-        for p in range(len(blocks)):
-            n = int(counts[(p,) + li])
-            out[li + (slice(at, at + n),)] = blocks[p][li][:n]
-            at += n
-    return out
 
 
 def to_host(x, local: bool = True, batch_axis: int = 0) -> np.ndarray:

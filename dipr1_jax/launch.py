@@ -25,10 +25,13 @@ preemption notice stops all of them after the same step.
 Every config field is a flag; ``--help`` lists them. Bad values fail with one
 line naming the flag.
 
-``sft`` and ``grpo`` write orbax checkpoints to ``WORKDIR/checkpoints/<step>/``
+``sft`` and ``grpo`` write orbax checkpoints to ``WORKDIR/checkpoints/<step>/``,
+``pipeline`` to ``WORKDIR/checkpoints/{sft,grpo,control}/<step>/``
 (``--config.checkpoint.every``, ``.keep``); rerunning the same command on the same
-workdir continues from the newest one, bit for bit (a workdir whose config differs
-is refused unless ``--config.checkpoint.force_resume``). SIGTERM (a preemption
+workdir continues from the newest one, bit for bit, reading back the evaluations
+already logged (a workdir whose config differs is refused unless
+``--config.checkpoint.force_resume``). With the default workdir, add the
+``--workdir=runs/...`` it printed. SIGTERM (a preemption
 notice) finishes the current step, checkpoints and exits 143; a second SIGTERM
 exits at once. A step whose loss or gradient is not finite is skipped.
 
@@ -133,15 +136,24 @@ def main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from dipr1_jax.train.modes import MODES
-    from dipr1_jax.train.checkpoint import ResumeError
+    from dipr1_jax.train.checkpoint import Preempted, ResumeError
     from dipr1_jax.train.memory import MemoryPlanError
     from dipr1_jax.train.writers import WorkdirError
 
     # (every process must use process 0's default: their clocks differ)
     workdir = flags.FLAGS.workdir or multihost.broadcast_str(os.path.join(
         "runs", f"{cfg.mode}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    resume_hint = (f"--workdir={workdir}" if not flags.FLAGS.workdir else None)
+    import jax
+    if resume_hint and jax.process_index() == 0 and cfg.mode != "eval":
+        print(f"run directory {workdir} (after an interruption, add {resume_hint} to "
+              f"the command to continue from its checkpoints)", flush=True)
     try:
         MODES[cfg.mode](cfg, workdir)
+    except Preempted:
+        if resume_hint:
+            print(f"to continue: the same command with {resume_hint}", flush=True)
+        raise
     except (WorkdirError, FileNotFoundError, ConfigError, ResumeError, MemoryPlanError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -3,9 +3,11 @@ directory's files (metrics.jsonl, samples.jsonl, TensorBoard events, export/, re
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from dipr1_jax.config import Config, replace_path
@@ -45,10 +47,14 @@ def tiny_config(**overrides) -> Config:
     return cfg
 
 
+PIPELINE_CKPT = {"checkpoint.every": 6}
+
+
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("pipeline"))
-    evals = modes.run_pipeline(tiny_config(), workdir)
+    # Checkpoints every 6 steps: test_pipeline_resumes_... restarts from GRPO's at step 6.
+    evals = modes.run_pipeline(tiny_config(**PIPELINE_CKPT), workdir)
     return workdir, evals
 
 
@@ -90,15 +96,125 @@ def test_tensorboard_events_read_back(pipeline_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     workdir, _ = pipeline_run
-    acc = EventAccumulator(workdir)
-    acc.Reload()
-    tags = acc.Tags()["scalars"]
-    assert "grpo/reward" in tags and "sft/loss" in tags
-    steps = [e.step for e in acc.Scalars("grpo/reward")]
-    assert steps == list(range(1, 13))
+
+    def board(phase):  # each pipeline phase is a TensorBoard run: tensorboard/<phase>
+        acc = EventAccumulator(os.path.join(workdir, "tensorboard", phase))
+        acc.Reload()
+        return acc
+
+    grpo, sft = board("grpo"), board("sft")
+    assert "grpo/reward" in grpo.Tags()["scalars"] and "sft/loss" in sft.Tags()["scalars"]
+    assert [e.step for e in grpo.Scalars("grpo/reward")] == list(range(1, 13))
+    assert [e.step for e in sft.Scalars("sft/loss")][-1] == 150  # the control's: "control"
     records = [r for r in read_metrics(workdir) if r["kind"] == "grpo"]
-    for event, rec in zip(acc.Scalars("grpo/loss"), records):
+    for event, rec in zip(grpo.Scalars("grpo/loss"), records, strict=True):
         assert event.value == pytest.approx(rec["loss"], rel=1e-6, abs=1e-9)
+
+
+def _killed_copy(src: str, dst: str, kind: str, step: int, keep_ckpt: dict) -> None:
+    """``dst``: the run directory ``src`` as a process killed right after logging ``kind``
+    step ``step`` leaves it: the records and samples up to that line, the checkpoints
+    ``keep_ckpt`` ({phase: newest step}) and none after, and no export of later phases."""
+    shutil.copytree(src, dst)
+    lines = open(os.path.join(src, "metrics.jsonl")).read().splitlines(keepends=True)
+    cut = next(i for i, ln in enumerate(lines)
+               if json.loads(ln)["kind"] == kind and json.loads(ln)["step"] == step) + 1
+    with open(os.path.join(dst, "metrics.jsonl"), "w") as f:
+        f.writelines(lines[:cut])
+    for phase in ("sft", "grpo", "control"):
+        d = os.path.join(dst, "checkpoints", phase)
+        for name in os.listdir(d):
+            if phase not in keep_ckpt or int(name) > keep_ckpt[phase]:
+                shutil.rmtree(os.path.join(d, name))
+    in_grpo = kind == "grpo"  # else: in the control, GRPO and its export are complete
+    later = ("sft+grpo", "sft-continued") if in_grpo else ("sft-continued",)
+    samples = [json.loads(ln) for ln in open(os.path.join(src, "samples.jsonl"))]
+    with open(os.path.join(dst, "samples.jsonl"), "w") as f:
+        for s in samples:  # rollout samples up to the cut; evaluation samples before it
+            if ("rollout" in s and (not in_grpo or s["step"] <= step)) or (
+                    "eval" in s and not s["eval"].startswith(later)):
+                f.write(json.dumps(s) + "\n")
+    if in_grpo:
+        for name in os.listdir(os.path.join(dst, "export")):
+            if name != "sft":
+                os.remove(os.path.join(dst, "export", name))
+    os.remove(os.path.join(dst, "report", "summary.json"))
+
+
+def test_pipeline_resumes_from_its_grpo_checkpoint_bitwise(pipeline_run, tmp_path):
+    """The default command's resume: a pipeline killed after GRPO step 8 (its newest
+    checkpoint: GRPO step 6) and rerun restores SFT's last checkpoint and GRPO's step 6,
+    redoes steps 7-12 and ends with the uninterrupted run's parameters bit for bit; the
+    base and SFT evaluations are read back, not rerun, and no step is logged twice.
+    (Rerun without the control, which would spend GRPO's whole wall time again:
+    ``force_resume`` lets that one field differ; the next test resumes a control.)"""
+    from safetensors.numpy import load_file
+
+    ref, evals = pipeline_run
+    work = str(tmp_path / "run")
+    _killed_copy(ref, work, "grpo", 8, {"sft": 150, "grpo": 6})
+    out = modes.run_pipeline(tiny_config(**PIPELINE_CKPT, control=False,
+                                         **{"checkpoint.force_resume": True}), work)
+    a = load_file(os.path.join(ref, "export", "model.safetensors"))
+    b = load_file(os.path.join(work, "export", "model.safetensors"))
+    assert sorted(a) == sorted(b)
+    assert [k for k in a if not np.array_equal(a[k], b[k])] == []
+    ra, rb = read_metrics(ref), read_metrics(work)
+    ga = [r for r in ra if r["kind"] == "grpo"]
+    gb = [r for r in rb if r["kind"] == "grpo"]
+    assert [r["step"] for r in gb] == list(range(1, 13))
+    assert [r["loss"] for r in ga] == [r["loss"] for r in gb]
+    assert [r["reward"] for r in ga] == [r["reward"] for r in gb]
+    # Evaluations: base and sft read back (the same record, time stamp included) ...
+    for name in ("base", "sft"):
+        ea = [r for r in ra if r["kind"] == "eval" and name in r["eval"]]
+        eb = [r for r in rb if r["kind"] == "eval" and name in r["eval"]]
+        assert len(eb) == 1 and eb == ea, name
+        assert out[name] == ea[0]["eval"][name]
+    # ... sft+grpo evaluated again on the same parameters: the same numbers.
+    for key in TABLE:
+        assert out["sft+grpo"][key] == pytest.approx(evals["sft+grpo"][key], nan_ok=True)
+    assert [r["step"] for r in rb if r["kind"] == "sft"] == list(range(1, 151))
+    assert sum(1 for r in rb if r.get("final")) == 1
+    rollouts = [json.loads(ln) for ln in open(os.path.join(work, "samples.jsonl"))]
+    assert sorted(s["step"] for s in rollouts if "rollout" in s) == [6, 6, 12, 12]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(os.path.join(work, "tensorboard", "grpo"))
+    acc.Reload()  # the replayed steps 7 and 8 are purged from the first attempt's events
+    assert [e.step for e in acc.Scalars("grpo/loss")] == list(range(1, 13))
+    assert [e.value for e in acc.Scalars("grpo/loss")] == pytest.approx(
+        [r["loss"] for r in gb], rel=1e-6, abs=1e-9)
+
+
+def test_pipeline_resumes_its_control_from_a_checkpoint(pipeline_run, tmp_path, capsys):
+    """Killed during the control (SFT continued for GRPO's wall time): the rerun restores
+    every phase from its last checkpoint, reads back base / sft / sft+grpo, and continues
+    the control from its newest checkpoint with the rest of its time budget."""
+    ref, _ = pipeline_run
+    ra = read_metrics(ref)
+    control = [r["step"] for r in ra if r["kind"] == "sft" and r["step"] > 150]
+    ckpts = sorted(int(n) for n in os.listdir(os.path.join(ref, "checkpoints", "control")))
+    assert len(ckpts) >= 2, ckpts  # (keep=3: periodic ones and the last)
+    keep = ckpts[-2]  # a periodic checkpoint; the run "dies" one step after it
+    work = str(tmp_path / "run")
+    _killed_copy(ref, work, "sft", keep + 1, {"sft": 150, "grpo": 12, "control": keep})
+    out = modes.run_pipeline(tiny_config(**PIPELINE_CKPT), work)
+    text = capsys.readouterr().out
+    assert f"resuming the pipeline from checkpoint {work}/checkpoints/control/{keep}" in text
+    assert f"control: restored checkpoint {work}/checkpoints/control/{keep}" in text
+    rb = read_metrics(work)
+    for name in ("base", "sft", "sft+grpo"):
+        ea = [r for r in ra if r["kind"] == "eval" and name in r["eval"]]
+        assert [r for r in rb if r["kind"] == "eval" and name in r["eval"]] == ea, name
+        assert out[name] == ea[0]["eval"][name]
+    sft_b = [r for r in rb if r["kind"] == "sft"]
+    assert [r["step"] for r in sft_b] == list(range(1, len(sft_b) + 1))
+    # The first 150 + the control's steps up to the checkpoint are the first attempt's.
+    sft_a = [r for r in ra if r["kind"] == "sft" and r["step"] <= keep]
+    assert sft_b[:keep] == sft_a
+    final = [r for r in rb if r.get("final")]
+    assert len(final) == 1 and final[0]["control_sft_steps"] == len(sft_b) - 150
+    assert control[0] == 151 and len(sft_b) > keep
 
 
 def test_grpo_raises_the_training_reward(pipeline_run):

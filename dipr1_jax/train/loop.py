@@ -93,6 +93,7 @@ class _Loop:
         self.ckpt = None  # a checkpoint.Checkpointer (the sft / grpo modes set one)
         self.bad_steps = 0  # non-finite (skipped) steps in a row
         self.preemption = None  # a checkpoint.Preemption while train() runs under one
+        self.budget_used = 0.0  # seconds of a time budget spent (the pipeline's control)
 
     # -- checkpoints -------------------------------------------------------------------
     def _extra(self) -> dict:
@@ -103,12 +104,14 @@ class _Loop:
         multihost.check_same(json.dumps(data, sort_keys=True, default=str),
                              "the data iterator state")
         return {"kind": self.kind, "data": data, "elapsed": self.elapsed,
-                "bad_steps": self.bad_steps, "config": to_dict(self.run.cfg)}
+                "bad_steps": self.bad_steps, "budget_used": self.budget_used,
+                "config": to_dict(self.run.cfg)}
 
     def _load_extra(self, extra: dict) -> None:
         self.data.set_state(extra["data"])
         self.elapsed = float(extra["elapsed"])
         self.bad_steps = int(extra.get("bad_steps", 0))
+        self.budget_used = float(extra.get("budget_used", 0.0))
 
     def _guard(self, m: dict) -> None:
         """The non-finite guard: the step skipped its update (``keep_if_finite``); count it,
@@ -238,11 +241,12 @@ class SFTLoop(_Loop):
 
     def train(self, steps: int | None = None, seconds: float | None = None, on_eval=None) -> None:
         """``steps`` updates, or as many as fit in ``seconds`` of wall time; ``on_eval(loop)``
-        every ``eval.every`` steps (not after the last: the caller evaluates the result)."""
+        every ``eval.every`` steps (not after the last: the caller evaluates the result).
+        A time budget counts on across a resume (``budget_used`` is checkpointed)."""
         total = steps if steps is not None else self.run.cfg.sft.steps
         with self.run.mesh_context():
             i = self.step if seconds is None else 0  # a resumed loop continues at its step
-            start = time.perf_counter()
+            start = time.perf_counter() - (self.budget_used if seconds is not None else 0.0)
             # (a time budget is process 0's clock: every process runs the same steps)
             while (i < total) if seconds is None else multihost.from_main(
                     time.perf_counter() - start < seconds):
@@ -258,10 +262,10 @@ class SFTLoop(_Loop):
                 self._guard(m)
                 left = None
                 if seconds is not None:  # a time budget: show progress against it
-                    left = m["budget_left_s"] = max(0.0, seconds - (time.perf_counter() - start))
+                    self.budget_used = time.perf_counter() - start
+                    left = m["budget_left_s"] = max(0.0, seconds - self.budget_used)
                 self._log(i, total if seconds is None else i + 1, m, left)
-                if seconds is None:
-                    self._after_step(i, total, on_eval)
+                self._after_step(i, total, on_eval if seconds is None else None)
                 i += 1
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 
 import jax
@@ -21,8 +22,9 @@ from dipr1_jax.train import data as train_data
 from dipr1_jax.train import state as st
 from dipr1_jax.train.loop import GRPOLoop, Run, SFTLoop
 from dipr1_jax.train.policy import export_policy as _export_policy, load_policy, training_info
-from dipr1_jax.train.checkpoint import Checkpointer, Preemption, check_resumable
-from dipr1_jax.train.writers import RunWriter, ensure_writable, eval_table, logged_eval
+from dipr1_jax.train.checkpoint import Checkpointer, Preempted, Preemption, check_resumable
+from dipr1_jax.train.writers import (Phases, RunWriter, ensure_writable, eval_table,
+                                     logged_eval, read_metrics)
 
 def export_policy(run: Run, model, out_dir: str) -> str:
     d = run.cfg.data
@@ -33,9 +35,11 @@ def export_policy(run: Run, model, out_dir: str) -> str:
 TABLE_KEYS = ("format_rate", "precision", "recall", "f1", "count_mae", "reward")
 
 
-def open_writer(cfg: Config, workdir: str, purge_step: int | None = None) -> RunWriter:
+def open_writer(cfg: Config, workdir: str, purge_step: int | None = None,
+                phases: Phases | None = None, resume_phase: int = 0) -> RunWriter:
     writer = RunWriter(workdir, is_main=jax.process_index() == 0,
-                       tensorboard=cfg.log.tensorboard, purge_step=purge_step)
+                       tensorboard=cfg.log.tensorboard, purge_step=purge_step,
+                       phases=phases, resume_phase=resume_phase)
     writer.write_config(to_dict(cfg))
     return writer
 
@@ -179,21 +183,27 @@ def _train_mode(cfg: Config, workdir: str, loop_cls, init_path: str | None,
     if cfg.checkpoint.enabled:
         ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every=cfg.checkpoint.every,
                             keep=cfg.checkpoint.keep)
-        if ckpt.latest() is not None:
+        attempted = ckpt.latest() is not None or _attempted(workdir)
+        if attempted:
             check_resumable(workdir, to_dict(cfg), cfg.checkpoint.force_resume)
     mesh, model, tokenizer = _load(cfg, workdir, init_path)
     run = Run(cfg, workdir, None, tokenizer, mesh)
     loop = loop_cls(run, model)
     loop.ckpt = ckpt
     resumed = loop.resume()
-    run.writer = open_writer(cfg, workdir, None if resumed is None else resumed + 1)
+    # An attempt stopped before its first checkpoint starts over, keeping only its
+    # "before" evaluation (logged at step 0), which is read back.
+    restart = ckpt is not None and resumed is None and attempted
+    run.writer = open_writer(cfg, workdir, 1 if restart else
+                             None if resumed is None else resumed + 1)
     before = None
     if resumed is not None:
         print(f"resuming from checkpoint {ckpt.directory}/{resumed} ({loop.kind} step "
               f"{resumed} of {loop.total_steps})", flush=True)
+    if resumed is not None or restart:
         before = reuse_eval(workdir, before_name)
     evals = {before_name: before if before is not None else evaluate(run, model, before_name)}
-    evaluate_ood(run, model, before_name, 0, evals, reuse=resumed is not None)
+    evaluate_ood(run, model, before_name, 0, evals, reuse=resumed is not None or restart)
     with Preemption() as preemption:
         loop.preemption = preemption
         loop.train(on_eval=_periodic(run, after_name))
@@ -231,38 +241,150 @@ def run_eval(cfg: Config, workdir: str) -> dict:
     return evals
 
 
+PIPELINE_PHASES = ("base", "sft", "grpo", "control")
+_EVAL_PHASE = {"base": 0, "sft": 1, "sft+grpo": 2, "sft-continued": 3}
+
+
+def pipeline_phases(sft_steps: int) -> Phases:
+    """The pipeline's records by phase: evaluations by their name (``sft@50``,
+    ``sft+grpo/citypersons``: the part before ``@`` or ``/``), SFT steps up to
+    ``sft.steps`` (the control's continue the count), GRPO steps and rollout samples."""
+    def of(r: dict) -> int:
+        kind = r.get("kind")
+        name = next(iter(r.get("eval") or {}), None) if kind == "eval" else r.get("eval")
+        if isinstance(name, str):  # an evaluation record or an evaluation's sample
+            return _EVAL_PHASE.get(re.split(r"[@/]", name, maxsplit=1)[0], 3)
+        if kind == "sft":
+            return 1 if r.get("step", 0) <= sft_steps else 3
+        return 3 if kind == "final" else 2
+    return Phases(PIPELINE_PHASES, of)
+
+
+def _attempted(workdir: str) -> bool:
+    """Whether ``workdir`` holds records of an earlier attempt (killed or finished)."""
+    try:
+        return bool(read_metrics(workdir))
+    except (OSError, ValueError):
+        return True  # unreadable: check_resumable / the writer's repair will say why
+
+
+def _boundary(run: Run, preemption: Preemption, phase: str) -> None:
+    """Between the pipeline's phases everything done so far is checkpointed: a SIGTERM
+    that came during an evaluation or an export exits here."""
+    if preemption.requested:  # (on several processes only set at a loop's sync point)
+        run.writer.flush()
+        print(f"preempted: stopped after the {phase} phase; rerun the same command to "
+              f"continue", flush=True)
+        raise Preempted(-1, phase)
+
+
 def run_pipeline(cfg: Config, workdir: str) -> dict:
-    """Base eval -> SFT -> eval -> GRPO from the SFT policy -> eval (+ the SFT control)."""
+    """Base eval -> SFT -> eval -> GRPO from the SFT policy -> eval (+ the SFT control).
+
+    With ``checkpoint.enabled`` each training phase checkpoints into
+    ``WORKDIR/checkpoints/{sft,grpo,control}/<step>/``, and rerunning the same command
+    continues from the newest checkpoint of the latest phase that has one: the finished
+    phases are restored from their last checkpoint (bitwise, so GRPO starts from the same
+    SFT policy), and the evaluations already logged for them are read back from
+    ``metrics.jsonl`` instead of being run again."""
     cfg = resolve(cfg)
-    run, model = _prepare(cfg, workdir)
-    evals = {"base": evaluate(run, model, "base")}
-    evaluate_ood(run, model, "base", 0, evals)
-    sft = SFTLoop(run, model)
-    sft.train(on_eval=_periodic(run, "sft"))
-    sft_model = sft.model()
-    evals["sft"] = evaluate(run, sft_model, "sft", sft.step)
-    evaluate_ood(run, sft_model, "sft", sft.step, evals)
-    export_policy(run, sft_model, os.path.join(workdir, "export", "sft"))
-    grpo = GRPOLoop(run, sft_model)
-    grpo.train(on_eval=_periodic(run, "sft+grpo"))
-    grpo_model = grpo.model()
-    evals["sft+grpo"] = evaluate(run, grpo_model, "sft+grpo", grpo.step)
-    evaluate_ood(run, grpo_model, "sft+grpo", grpo.step, evals)
-    export_policy(run, grpo_model, os.path.join(workdir, "export"))
-    extra = {"seconds": {"sft": sft.elapsed, "grpo": grpo.elapsed}}
-    if cfg.control:
-        # Control: SFT continued from its own state for the wall time GRPO took.
-        before = sft.step
-        sft.train(seconds=grpo.elapsed)
-        control = sft.model()
-        evals["sft-continued"] = evaluate(run, control, "sft-continued", sft.step)
-        evaluate_ood(run, control, "sft-continued", sft.step, evals)
-        extra["control_sft_steps"] = sft.step - before
+    ensure_writable(workdir)  # before any compute
+    c = cfg.checkpoint
+    ckpts = {}
+    at = None  # the resume point (phase index, step), None for a fresh run
+    if c.enabled:
+        ckpts = {p: Checkpointer(os.path.join(workdir, "checkpoints", p), every=c.every,
+                                 keep=c.keep) for p in PIPELINE_PHASES[1:]}
+        for i, p in reversed(list(enumerate(PIPELINE_PHASES))):
+            if i and ckpts[p].latest() is not None:
+                at = (i, ckpts[p].latest())
+                break
+        if at is None and _attempted(workdir):
+            at = (0, 0)  # an attempt stopped before its first checkpoint: start over
+        if at is not None:
+            check_resumable(workdir, to_dict(cfg), c.force_resume)
+    mesh, model, tokenizer = _load(cfg, workdir)
+    run = Run(cfg, workdir, None, tokenizer, mesh)
+    run.writer = open_writer(cfg, workdir, None if at is None else at[1] + 1,
+                             phases=pipeline_phases(cfg.sft.steps),
+                             resume_phase=0 if at is None else at[0])
+    if at is not None:
+        where = (f"checkpoint {ckpts[PIPELINE_PHASES[at[0]]].directory}/{at[1]} "
+                 f"({PIPELINE_PHASES[at[0]]} step {at[1]})" if at[0] else
+                 "the start (no checkpoint yet; logged evaluations are reused)")
+        print(f"resuming the pipeline from {where}", flush=True)
+    reuse = at is not None
+
+    def phase_eval(m, name: str, step: int) -> None:
+        prev = reuse_eval(workdir, name) if reuse else None
+        evals[name] = prev if prev is not None else evaluate(run, m, name, step)
+        evaluate_ood(run, m, name, step, evals, reuse=reuse)
+
+    evals: dict = {}
+    with Preemption() as preemption:
+        phase_eval(model, "base", 0)
+        _boundary(run, preemption, "base")
+        sft = _phase_loop(SFTLoop(run, model), ckpts.get("sft"), preemption)
+        sft.train(on_eval=_periodic(run, "sft"))
+        sft.finish()
+        sft_model = sft.model()
+        phase_eval(sft_model, "sft", sft.step)
+        _export_once(run, sft_model, os.path.join(workdir, "export", "sft"),
+                     redo=at is None or at[0] <= 1)
+        _boundary(run, preemption, "sft")
+        grpo = _phase_loop(GRPOLoop(run, sft_model), ckpts.get("grpo"), preemption)
+        grpo.train(on_eval=_periodic(run, "sft+grpo"))
+        grpo.finish()
+        grpo_model = grpo.model()
+        phase_eval(grpo_model, "sft+grpo", grpo.step)
+        _export_once(run, grpo_model, os.path.join(workdir, "export"),
+                     redo=at is None or at[0] <= 2)
+        extra = {"seconds": {"sft": sft.elapsed, "grpo": grpo.elapsed}}
+        if cfg.control:
+            _boundary(run, preemption, "grpo")
+            # Control: SFT continued from its own state for the wall time GRPO took.
+            before = sft.step
+            if ckpts:
+                sft.ckpt = ckpts["control"]
+                if sft.resume() is not None:
+                    print(f"control: restored checkpoint {sft.ckpt.directory}/{sft.step} "
+                          f"({sft.budget_used:.0f}s of its {grpo.elapsed:.0f}s budget spent)",
+                          flush=True)
+            sft.train(seconds=grpo.elapsed)
+            sft.finish()
+            control = sft.model()
+            phase_eval(control, "sft-continued", sft.step)
+            extra["control_sft_steps"] = sft.step - before
+        sft.preemption = grpo.preemption = None
+    for ck in ckpts.values():
+        ck.close()
     _finish(run, evals, extra)
-    with open(os.path.join(workdir, "report", "summary.json"), "w") as f:
-        json.dump({"eval": evals, **extra}, f, indent=2)
+    if jax.process_index() == 0:
+        os.makedirs(os.path.join(workdir, "report"), exist_ok=True)
+        with open(os.path.join(workdir, "report", "summary.json"), "w") as f:
+            json.dump({"eval": evals, **extra}, f, indent=2)
     logging.info("pipeline done: %s", workdir)
     return evals
+
+
+def _phase_loop(loop, ckpt, preemption):
+    """``loop`` checkpointing to ``ckpt``, restored from its newest checkpoint (a finished
+    phase's last one: its ``train`` then does nothing) and stopping on ``preemption``."""
+    loop.ckpt = ckpt
+    loop.preemption = preemption
+    step = loop.resume()
+    if step is not None:
+        print(f"{loop.kind}: restored checkpoint {ckpt.directory}/{step} (step {step} of "
+              f"{loop.total_steps})", flush=True)
+    return loop
+
+
+def _export_once(run: Run, model, out_dir: str, redo: bool) -> None:
+    """Exports ``model`` unless a resumed run already has that export complete (the
+    training-info file is written last)."""
+    from dipr1_jax.train.policy import TRAINING_FILE
+    if redo or not os.path.isfile(os.path.join(out_dir, TRAINING_FILE)):
+        export_policy(run, model, out_dir)
 
 
 MODES = {"pipeline": run_pipeline, "sft": run_sft, "grpo": run_grpo, "eval": run_eval}

@@ -78,8 +78,31 @@ def _checked(metrics: Mapping[str, Any]) -> dict:
     return _jsonable(metrics)
 
 
-def _repair(path: str, purge_step: int | None) -> None:
-    """Drop a torn last line and (if ``purge_step``) records with step >= it."""
+class Phases:
+    """How a run's records divide into consecutive phases (the pipeline's base, sft, grpo,
+    control): ``of(record)`` is a record's phase index into ``names``. Resuming at
+    ``(phase, step)`` keeps the records up to that point; each phase's TensorBoard
+    events go to ``WORKDIR/tensorboard/<name>/`` (a run of its own: TensorBoard purges
+    by step across all tags of a run, and each phase counts its own steps)."""
+
+    def __init__(self, names: Sequence[str], of):
+        self.names = tuple(names)
+        self.of = of
+
+
+def _keeps(purge_step: int | None, phases: Phases | None, resume_phase: int):
+    """The predicate of the records a run resumed at ``(resume_phase, purge_step)`` keeps:
+    those before it, never the ``final`` record (the resumed run writes its own)."""
+    if purge_step is None:
+        return None
+    of = phases.of if phases is not None else (lambda r: 0)
+    return lambda r: (r.get("step") is not None and not r.get("final")
+                      and (of(r), r["step"]) < (resume_phase, purge_step))
+
+
+def _repair(path: str, keep=None) -> None:
+    """Drop a torn last line and (with ``keep``, a resumed run) the records ``keep``
+    rejects: what the resumed run will redo."""
     if not os.path.exists(path):
         return
     with open(path, "rb") as f:
@@ -92,10 +115,9 @@ def _repair(path: str, purge_step: int | None) -> None:
             lines.append(tail)
         except ValueError:
             warnings.warn(f"{path}: dropping truncated last line ({len(tail)} bytes)")
-    if purge_step is not None:  # resuming at purge_step: drop what will be redone
+    if keep is not None:
         recs = [json.loads(ln) for ln in lines if ln.strip()]
-        lines = [json.dumps(r).encode() for r in recs
-                 if r.get("step") is not None and r["step"] < purge_step and not r.get("final")]
+        lines = [json.dumps(r).encode() for r in recs if keep(r)]
     new = b"".join(ln + b"\n" for ln in lines)
     if new != data:  # atomically: other processes of a multi-host run may be reading it
         with open(path + ".tmp", "wb") as f:
@@ -124,24 +146,44 @@ class RunWriter:
     """``config.json``, ``metrics.jsonl``, ``samples.jsonl`` and TensorBoard of one run."""
 
     def __init__(self, workdir: str | os.PathLike, *, is_main: bool = True,
-                 tensorboard: bool = True, purge_step: int | None = None):
+                 tensorboard: bool = True, purge_step: int | None = None,
+                 phases: Phases | None = None, resume_phase: int = 0):
+        """``purge_step``: a resumed run continues at this step (of ``resume_phase`` when
+        the run has ``phases``); the records and events from there on are dropped."""
         self.workdir = os.fspath(workdir)
         self.is_main = is_main
         self._last_step: int | None = None
-        self._metrics = self._samples = self._tb = None
+        self._metrics = self._samples = None
+        self._phases, self._resume = phases, (resume_phase, purge_step)
+        self._tensorboard = tensorboard
+        self._tb: dict[int, Any] = {}  # phase index -> tensorboardX SummaryWriter
         if not is_main:
             return
         ensure_writable(self.workdir)
         paths = [os.path.join(self.workdir, n) for n in ("metrics.jsonl", "samples.jsonl")]
+        keep = _keeps(purge_step, phases, resume_phase)
         for p in paths:
-            _repair(p, purge_step)
+            _repair(p, keep)
         self._metrics, self._samples = (open(p, "a", encoding="utf-8") for p in paths)
-        if tensorboard:
+        if tensorboard and phases is None:
+            self._board(0)  # (the phases' writers open with their first event)
+
+    def _board(self, phase: int):
+        """The TensorBoard writer of ``phase`` (the workdir itself without phases)."""
+        if phase not in self._tb:
             from tensorboardX import SummaryWriter
+            logdir = self.workdir
+            purge = self._resume[1]
+            if self._phases is not None:
+                logdir = os.path.join(self.workdir, "tensorboard", self._phases.names[phase])
+                if purge is not None:  # earlier phases keep all; later ones start over
+                    purge = (None if phase < self._resume[0]
+                             else purge if phase == self._resume[0] else 0)
             # tensorboardX names files by the second: a unique suffix keeps a reopened
             # run (same second) from overwriting the earlier file; names sort by time.
-            self._tb = SummaryWriter(logdir=self.workdir, purge_step=purge_step,
-                                     filename_suffix=f".{time.time_ns()}")
+            self._tb[phase] = SummaryWriter(logdir=logdir, purge_step=purge,
+                                            filename_suffix=f".{time.time_ns()}")
+        return self._tb[phase]
 
     def write_config(self, config: Mapping[str, Any]) -> None:
         if not self.is_main:
@@ -167,12 +209,15 @@ class RunWriter:
         self._scalars(step, record)
 
     def _scalars(self, step: int | None, record: dict) -> None:
-        if self._tb is None or step is None:
+        if not self._tensorboard or step is None or self._metrics is None:
             return
+        tb = None
         for key, v in _flatten(record):
             if key not in _RESERVED and _number(v) is not None:
+                if tb is None:
+                    tb = self._board(self._phases.of(record) if self._phases else 0)
                 tag = re.sub(r"[^A-Za-z0-9_./-]", "_", f"{record['kind']}/{key}")
-                self._tb.add_scalar(tag, _number(v), global_step=step)
+                tb.add_scalar(tag, _number(v), global_step=step)
 
     def log_samples(self, step: int, rows: Sequence[Mapping[str, Any]]) -> None:
         """Append ``rows`` (e.g. prompt, completion, rewards) to ``samples.jsonl``."""
@@ -196,17 +241,18 @@ class RunWriter:
             if f is not None and not f.closed:
                 f.flush()
                 os.fsync(f.fileno())
-        if self._tb is not None:
-            self._tb.flush()
+        for tb in self._tb.values():
+            tb.flush()
 
     def close(self) -> None:
         if not self.is_main or self._metrics is None:
             return
         self.flush()
-        for f in (self._metrics, self._samples, self._tb):
+        for f in (self._metrics, self._samples, *self._tb.values()):
             if f is not None:
                 f.close()
-        self._metrics = self._samples = self._tb = None
+        self._metrics = self._samples = None
+        self._tb = {}
 
     def __enter__(self) -> "RunWriter":
         return self

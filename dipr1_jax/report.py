@@ -22,6 +22,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from dipr1_jax import fsio
 from dipr1_jax import metrics as metrics_lib
 from dipr1_jax import viz
 
@@ -173,12 +174,13 @@ def write_report(
     examples: Sequence[ReportExample] = (),
     digits: int | None = 4,
 ) -> dict[str, Any]:
-    """Write ``report.json``, ``report.md`` and ``examples/*.png`` into ``out_dir``.
+    """Write ``report.json``, ``report.md`` and ``examples/*.png`` into ``out_dir``
+    (a local path or a ``gs://`` URI; each file written whole, see ``fsio``).
 
     Returns ``{"json": path, "markdown": path, "images": [paths]}``.
     """
     out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
+    fsio.makedirs(out_dir)
     report = build_report(results, title=title, metrics=metrics, baseline=baseline)
     images, entries, used = [], [], set()
     for ex in examples:
@@ -190,7 +192,7 @@ def write_report(
         rel = f"examples/{stem}.png"
         images.append(
             viz.save_png(
-                os.path.join(out_dir, rel),
+                fsio.join(out_dir, rel),
                 ex.image,
                 gt_boxes=ex.gt_boxes,
                 pred_boxes=ex.pred_boxes,
@@ -201,26 +203,22 @@ def write_report(
         )
         entries.append({"name": ex.name, "model": ex.model, "png": rel})
     report["examples"] = entries
-    json_path = os.path.join(out_dir, "report.json")
-    md_path = os.path.join(out_dir, "report.md")
-    with open(json_path, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2, allow_nan=False)
-        f.write("\n")
-    with open(md_path, "w", encoding="utf-8") as f:
-        f.write(render_markdown(report, digits))
+    json_path = fsio.join(out_dir, "report.json")
+    md_path = fsio.join(out_dir, "report.md")
+    fsio.write_text(json_path, json.dumps(report, indent=2, allow_nan=False) + "\n")
+    fsio.write_text(md_path, render_markdown(report, digits))
     return {"json": json_path, "markdown": md_path, "images": images}
 
 
 def read_report(path: str | os.PathLike) -> dict[str, Any]:
     """Load a ``report.json`` (a path to the file or to its directory)."""
     path = os.fspath(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, "report.json")
-    with open(path, encoding="utf-8") as f:
-        try:
-            report = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    if fsio.isdir(path):
+        path = fsio.join(path, "report.json")
+    try:
+        report = json.loads(fsio.read_text(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
     if report.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: unsupported report format {report.get('format_version')!r}")
     return report

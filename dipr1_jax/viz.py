@@ -14,12 +14,15 @@ themselves are only changed by box outlines.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from dipr1_jax import fsio
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "gt": (0, 200, 0),  # green
@@ -138,8 +141,11 @@ def draw_boxes(
 
 
 def save_png(path: str | os.PathLike, image: Any, **kwargs: Any) -> str:
-    """``draw_boxes(image, **kwargs)`` written as PNG to ``path``; returns the path."""
+    """``draw_boxes(image, **kwargs)`` written as PNG to ``path`` (a local path or a
+    ``gs://`` URI; written whole, see ``fsio``); returns the path."""
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    draw_boxes(image, **kwargs).save(path, format="PNG")
+    fsio.makedirs(os.path.dirname(path if fsio.is_remote(path) else os.path.abspath(path)))
+    buf = io.BytesIO()
+    draw_boxes(image, **kwargs).save(buf, format="PNG")
+    fsio.write_bytes(path, buf.getvalue())
     return path

@@ -13,7 +13,7 @@ help() {
 $SYNOPSIS
 
 Each attempt: copy this checkout to every worker (~/dipr1_jax), stop a job left
-over there, install (README command + jax[tpu]), pull the staged data, then run
+over there, install (README command + jax[tpu] + gcsfs), pull the staged data, then run
   python -m dipr1_jax.launch LAUNCH_FLAGS... --workdir=WORKDIR
 on all workers at once (gcloud compute tpus tpu-vm ssh --worker=all), streaming
 worker 0's output here. Every worker keeps its log in ~/dipr1_jax/logs/.

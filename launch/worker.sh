@@ -14,9 +14,10 @@ $SYNOPSIS
 Subcommands (all run in the checkout this script belongs to, ~/dipr1_jax on a worker):
   prepare   stop a job left over from an earlier attempt, install (python3-venv with
             apt-get first if python3 lacks it) with the README's
-            command plus jax[tpu] (python3 -m venv .venv && . .venv/bin/activate &&
-            pip install -e . 'jax[tpu]'), then copy every --pull gs://SRC=DIR from
-            the bucket (gcloud storage rsync --recursive; DIR relative to the checkout)
+            command plus jax[tpu] and gcsfs for gs:// workdirs (python3 -m venv .venv &&
+            . .venv/bin/activate && pip install -e '.[gcs]' 'jax[tpu]'), then copy
+            every --pull gs://SRC=DIR from the bucket (gcloud storage rsync --recursive;
+            DIR relative to the checkout)
   run       python -m dipr1_jax.launch LAUNCH_FLAGS... --workdir=DIR, output in
             logs/job-<time>.log (logs/latest.log links to it); the worker numbered
             --log-worker (default 0) also streams it to standard output. The pid is in
@@ -110,7 +111,7 @@ case $cmd in
     fi
     run python3 -m venv .venv
     activate
-    run pip install -q -e . 'jax[tpu]'
+    run pip install -q -e '.[gcs]' 'jax[tpu]'
     for p in ${pulls[@]+"${pulls[@]}"}; do
       run mkdir -p "${p#*=}"
       run gcloud storage rsync --recursive "${p%%=*}" "${p#*=}"

@@ -407,7 +407,7 @@ def test_run_end_to_end_against_a_simulated_slice(stubs, tmp_path):
     assert not (home / "dipr1_jax" / ".venv").exists()  # the tarball leaves .venv out
     assert not list(tmp_path.glob("dipr1_jax-*.tar.gz"))  # run.sh removed its tarball
     worker = commands(r.stdout)  # what worker.sh would run on the workers
-    assert worker.count(["pip", "install", "-q", "-e", ".", "jax[tpu]"]) == 2
+    assert worker.count(["pip", "install", "-q", "-e", ".[gcs]", "jax[tpu]"]) == 2
     assert worker.count(["gcloud", "storage", "rsync", "--recursive",
                          "gs://my-dipr1-bucket/checkpoints/q", "staged/checkpoints/q"]) == 2
     launches = [c for c in worker if c[:3] == ["python", "-m", "dipr1_jax.launch"]]
@@ -531,7 +531,7 @@ def test_worker_dry_run_installs_with_the_readme_command(stubs):
     assert cmds == [
         ["python3", "-m", "venv", ".venv"],
         [".", ".venv/bin/activate"],
-        ["pip", "install", "-q", "-e", ".", "jax[tpu]"],
+        ["pip", "install", "-q", "-e", ".[gcs]", "jax[tpu]"],
         ["mkdir", "-p", "staged/data/my ch"],
         ["gcloud", "storage", "rsync", "--recursive", "gs://my-dipr1-bucket/data/ch",
          "staged/data/my ch"],

@@ -10,9 +10,11 @@ import sys
 import numpy as np
 import pytest
 
+from dipr1_jax import fsio
 from dipr1_jax.config import Config, replace_path
 from dipr1_jax.train import modes
 from dipr1_jax.train.writers import read_metrics
+from fake_gcs import fake_gcs  # noqa: F401  (fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TABLE = ("f1", "precision", "recall", "format_rate", "count_mae", "reward")
@@ -243,6 +245,34 @@ def test_grpo_and_eval_from_the_export_reproduce_its_evaluation(pipeline_run, tm
     with open(tmp_path / "grpo" / "export" / "dipr1_jax_training.json") as f:
         assert json.load(f)["prompt_style"] == "short"
     ev = modes.run_eval(tiny_config(mode="eval", init_from=export), str(tmp_path / "eval"))
+    assert ev["export"]["reward"] == pytest.approx(evals["sft+grpo"]["reward"])
+
+
+def test_runs_read_and_write_a_bucket(pipeline_run, fake_gcs, tmp_path, monkeypatch):
+    """``gs://`` everywhere (a fake object store): ``grpo`` (no updates, no checkpoints:
+    orbax writes buckets through tensorstore, which the fake cannot see) initialised from
+    an export on the bucket writes its run directory and export there, and ``eval`` of
+    that export gives the numbers of the local export."""
+    workdir, evals = pipeline_run
+    monkeypatch.setenv("DIPR1_JAX_CACHE", str(tmp_path / "cache"))
+    src = os.path.join(workdir, "export")
+    for name in os.listdir(src):
+        if os.path.isfile(os.path.join(src, name)):
+            fsio.copy(os.path.join(src, name), f"gs://b/models/export/{name}")
+    off = {"train.steps": 0, "checkpoint.enabled": False}
+    out = modes.run_grpo(tiny_config(init_from="gs://b/models/export", **off), "gs://b/runs/g")
+    for key in TABLE:
+        assert out["init"][key] == pytest.approx(evals["sft+grpo"][key], nan_ok=True), key
+    objects = set(fake_gcs.objects("gs://b/runs/g"))
+    for name in ("config.json", "metrics.jsonl", "export/model.safetensors",
+                 "export/tokenizer.json", "export/dipr1_jax_training.json"):
+        assert f"gs://b/runs/g/{name}" in objects, name
+    assert any("tfevents" in o for o in objects)
+    assert any(o.startswith("gs://b/runs/g/report/init/") and o.endswith(".png")
+               for o in objects)
+    assert read_metrics("gs://b/runs/g")[-1]["final"] is True
+    ev = modes.run_eval(tiny_config(mode="eval", init_from="gs://b/runs/g/export"),
+                        "gs://b/runs/e")
     assert ev["export"]["reward"] == pytest.approx(evals["sft+grpo"]["reward"])
 
 

@@ -8,7 +8,9 @@ import os
 import numpy as np
 import pytest
 
+from dipr1_jax import fsio
 from dipr1_jax.train import writers as W
+from fake_gcs import fake_gcs  # noqa: F401  (fixture)
 
 
 def _lines(path):
@@ -251,6 +253,54 @@ def test_pipeline_phases_of_records():
     assert PIPELINE_PHASES[of({"step": 150, "eval": "sft", "text": "x"})] == "sft"
     assert PIPELINE_PHASES[of({"step": 9, "eval": "sft-continued/uavdt", "text": "x"})] \
         == "control"
+
+
+def test_run_writer_on_a_bucket(fake_gcs, monkeypatch):
+    """A ``gs://`` workdir (objects cannot be appended): metrics.jsonl and samples.jsonl
+    are rewritten whole at flush (and every REMOTE_FLUSH_SECONDS), a resumed writer
+    purges and repairs them there, TensorBoard events are whole objects, and nothing
+    is written to a local ``gs:`` folder (the fixture checks)."""
+    from tensorboard.backend.event_processing import event_accumulator
+    run = "gs://bucket/runs/r1"
+    monkeypatch.setattr(W, "REMOTE_FLUSH_SECONDS", 1e9)
+    w = W.RunWriter(run)
+    w.write_config({"lr": 0.5})
+    for s in (1, 2, 3):
+        w.log(s, {"loss": float(s)})
+    w.log_samples(3, [{"text": "x"}])
+    assert not fsio.exists(f"{run}/metrics.jsonl")  # in memory until a flush
+    w.flush()
+    assert [r["step"] for r in W.read_metrics(run)] == [1, 2, 3]
+    monkeypatch.setattr(W, "REMOTE_FLUSH_SECONDS", 0.0)
+    w.log(4, {"loss": 4.0})  # the time since the last flush is over: written at once
+    assert [r["step"] for r in W.read_metrics(run)] == [1, 2, 3, 4]
+    w.close()
+    assert json.loads(fake_gcs.read(f"{run}/config.json")) == {"lr": 0.5}
+    # A torn last line (an interrupted upload of another writer) and a resume at step 3.
+    fsio.write_bytes(f"{run}/metrics.jsonl",
+                     fake_gcs.read(f"{run}/metrics.jsonl") + b'{"step": 5, "lo')
+    with pytest.warns(UserWarning, match="truncated"):
+        w = W.RunWriter(run, purge_step=3)
+    w.log(3, {"loss": 30.0})
+    w.close()
+    assert [(r["step"], r["loss"]) for r in W.read_metrics(run)] == [
+        (1, 1.0), (2, 2.0), (3, 30.0)]
+    assert fake_gcs.read(f"{run}/samples.jsonl") == b""
+    events = [u for u in fake_gcs.objects(run) if "tfevents" in u]
+    assert len(events) == 2
+    acc = event_accumulator.EventAccumulator(fake_gcs.local(run), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [
+        (1, 1.0), (2, 2.0), (3, 30.0)]
+
+
+def test_unwritable_bucket_and_missing_backend_are_workdir_errors(monkeypatch):
+    def no_backend(path):
+        raise fsio.MissingBackendError(f"{path}: no filesystem backend; pip install gcsfs")
+
+    monkeypatch.setattr(fsio, "check_writable", no_backend)
+    with pytest.raises(W.WorkdirError, match="gs://b/run.*pip install gcsfs"):
+        W.ensure_writable("gs://b/run")
 
 
 def test_format_duration():

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any, Literal
 
-from dipr1_jax import tokens
+from dipr1_jax import fsio, tokens
 from dipr1_jax.config import ConfigError, _Validated
 
 ModelType = Literal["qwen2_5_vl", "qwen2_vl"]
@@ -388,13 +387,12 @@ def _token_id(x) -> int:
 
 
 def read_hf_config(path: str, **runtime: Any) -> ModelConfig:
-    """Reads ``<path>/config.json``; errors name the file."""
-    fname = os.path.join(path, "config.json")
-    if not os.path.isfile(fname):
+    """Reads ``<path>/config.json`` (``path`` local or a ``gs://`` URI); errors name the file."""
+    fname = fsio.join(path, "config.json")
+    if not fsio.isfile(fname):
         raise FileNotFoundError(f"{path}: no config.json (not a Hugging Face checkpoint directory)")
     try:
-        with open(fname) as f:
-            raw = json.load(f)
+        raw = json.loads(fsio.read_text(fname))
     except json.JSONDecodeError as e:
         raise ConfigError(f"{fname}: invalid JSON at line {e.lineno}: {e.msg}") from None
     try:

@@ -11,6 +11,11 @@ plain transpose), so no host copy of the whole model is ever built.
 ``save_hf(model, path)`` writes ``config.json`` and safetensors (sharded with
 an index past ``max_shard_bytes``) in the layout transformers loads.
 
+Both take a local path or a ``gs://`` URI (``dipr1_jax.fsio``): ``save_hf`` writes
+each file whole (atomic: a temporary file then a rename, or one object upload);
+``load_hf`` of a URI first copies the directory's files into the local cache
+(``fsio.local_dir``; safetensors are memory-mapped, which needs a local file).
+
 Names: the released (pre-v5) layout ``model.layers.* / visual.* / lm_head``;
 the v5 in-memory prefixes ``model.language_model.`` and ``model.visual.`` are
 accepted on load. A tied checkpoint may carry a redundant ``lm_head.weight``;
@@ -31,6 +36,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import SingleDeviceSharding
 
+from dipr1_jax import fsio
 from dipr1_jax import sharding as shd
 from dipr1_jax.model.config import ModelConfig, check_preset, read_hf_config, to_hf_dict
 from dipr1_jax.model.qwen_vl import QwenVL
@@ -281,6 +287,10 @@ def load_hf(path: str, *, dtype: str | None = None, param_dtype: str | None = No
     if "dtype_compute" in runtime:
         raise TypeError("load_hf: dtype_compute= was renamed; use dtype= for the compute dtype "
                         "and param_dtype= for the parameters (as in ModelConfig)")
+    if fsio.is_remote(path):
+        if not fsio.isdir(path):
+            raise FileNotFoundError(f"{path}: not a directory")
+        path = fsio.local_dir(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: not a directory")
     param_dtype = param_dtype or "float32"
@@ -329,18 +339,17 @@ def save_hf(model: QwenVL, path: str, max_shard_bytes: int = 5 * 2 ** 30,
 
     Shards are planned from the parameter shapes and written one at a time, so the
     host holds at most one shard. Every process must call it (sharded parameters are
-    gathered); only process 0 writes.
+    gathered); only process 0 writes. ``path`` may be a ``gs://`` URI (``fsio``).
     """
     from safetensors.numpy import save_file
     cfg = model.cfg
     out_dtype = jnp.dtype(dtype or cfg.param_dtype)
     writer = jax.process_index() == 0
     if writer:
-        os.makedirs(path, exist_ok=True)
+        fsio.makedirs(path)
         hf_cfg = to_hf_dict(cfg)
         hf_cfg["dtype"] = str(out_dtype.name)
-        with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump(hf_cfg, f, indent=2)
+        fsio.write_text(fsio.join(path, "config.json"), json.dumps(hf_cfg, indent=2))
     # plan: tensor name -> shard number
     plan, size, n = {}, 0, 0
     for e in param_table(cfg):
@@ -354,21 +363,27 @@ def save_hf(model: QwenVL, path: str, max_shard_bytes: int = 5 * 2 ** 30,
     fname = (lambda i: "model.safetensors") if total_shards == 1 else (
         lambda i: f"model-{i + 1:05d}-of-{total_shards:05d}.safetensors")
     meta = {"format": "pt"}
+
+    def write_shard(tensors: dict[str, np.ndarray], i: int) -> None:
+        with fsio.staged(fsio.join(path, fname(i))) as tmp:
+            save_file(tensors, tmp, metadata=meta)
+
     current: dict[str, np.ndarray] = {}
     shard, total = 0, 0
     for name, t in hf_tensors(cfg, nnx.state(model, nnx.Param), out_dtype):
         if plan[name] != shard:
             if writer:
-                save_file(current, os.path.join(path, fname(shard)), metadata=meta)
+                write_shard(current, shard)
             current, shard = {}, plan[name]
         current[name] = t
         total += t.nbytes
     if writer:
-        save_file(current, os.path.join(path, fname(shard)), metadata=meta)
+        write_shard(current, shard)
         if total_shards > 1:
-            with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-                json.dump({"metadata": {"total_size": total},
-                           "weight_map": {k: fname(v) for k, v in plan.items()}}, f, indent=2)
+            index = {"metadata": {"total_size": total},
+                     "weight_map": {k: fname(v) for k, v in plan.items()}}
+            fsio.write_text(fsio.join(path, "model.safetensors.index.json"),
+                            json.dumps(index, indent=2))
 
 
 def hf_tensors(cfg: ModelConfig, state, dtype=None):

@@ -29,6 +29,7 @@ from typing import Any, Mapping
 import jax
 from absl import logging
 
+from dipr1_jax import fsio
 from dipr1_jax.model.config import flatten_dict
 
 ITEMS = ("state", "extra")
@@ -63,11 +64,10 @@ def config_diff(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[st
 
 def check_resumable(workdir: str, current: Mapping[str, Any], force: bool) -> None:
     """Refuses (``ResumeError``) when ``WORKDIR/config.json`` differs from ``current``."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    path = fsio.join(workdir, "config.json")
+    if not fsio.exists(path):
         return
-    with open(path, encoding="utf-8") as f:
-        saved = json.load(f)
+    saved = json.loads(fsio.read_text(path))
     diff = config_diff(saved, current)
     if not diff:
         return
@@ -88,7 +88,8 @@ class Checkpointer:
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
-        self.directory = os.path.abspath(directory)
+        # (orbax writes gs:// itself: arrays through tensorstore, the rest through epath)
+        self.directory = directory if fsio.is_remote(directory) else os.path.abspath(directory)
         self.every = every
         self._saved: set[int] = set()  # steps this process has started saving
         self._mgr = ocp.CheckpointManager(

@@ -154,6 +154,8 @@ class _Loop:
 
     def checkpoint(self, force: bool = False) -> None:
         if self.ckpt is not None:
+            if self.run.writer is not None:  # the logs a checkpoint covers are stored first
+                self.run.writer.flush()
             self.ckpt.save(self.state, self._extra(), force=force)
 
     def _after_step(self, i: int, total: int, on_eval) -> None:

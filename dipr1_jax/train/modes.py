@@ -16,7 +16,7 @@ import time
 import jax
 from absl import logging
 
-from dipr1_jax import multihost
+from dipr1_jax import fsio, multihost
 from dipr1_jax.config import Config, parse_ood, replace_path, to_dict
 from dipr1_jax.train import data as train_data
 from dipr1_jax.train import state as st
@@ -71,7 +71,7 @@ def evaluate(run: Run, model, name: str, step: int = 0, ood=None) -> dict:
             model, data, run.tokenizer, reward_cfg=c.rewards,
             max_new_tokens=c.eval.max_new_tokens or c.rollout.max_new_tokens,
             eos_token_ids=run.eos_ids, pad_token_id=run.tokenizer.pad_token_id, name=name,
-            report_dir=os.path.join(run.workdir, "report") if jax.process_index() == 0 else None,
+            report_dir=fsio.join(run.workdir, "report") if jax.process_index() == 0 else None,
             num_draw=c.eval.num_draw, mesh=run.mesh)
     summary = dict(res.summary)
     run.writer.log(step, {"eval": {name: summary}}, kind="eval")
@@ -181,7 +181,7 @@ def _train_mode(cfg: Config, workdir: str, loop_cls, init_path: str | None,
     ensure_writable(workdir)  # before any compute
     ckpt = None
     if cfg.checkpoint.enabled:
-        ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every=cfg.checkpoint.every,
+        ckpt = Checkpointer(fsio.join(workdir, "checkpoints"), every=cfg.checkpoint.every,
                             keep=cfg.checkpoint.keep)
         attempted = ckpt.latest() is not None or _attempted(workdir)
         if attempted:
@@ -218,7 +218,7 @@ def _train_mode(cfg: Config, workdir: str, loop_cls, init_path: str | None,
     evals[after_name] = after if after is not None else evaluate(run, model, after_name,
                                                                  loop.step)
     evaluate_ood(run, model, after_name, loop.step, evals, reuse=after is not None)
-    export_policy(run, model, os.path.join(workdir, "export"))
+    export_policy(run, model, fsio.join(workdir, "export"))
     _finish(run, evals)
     return evals
 
@@ -261,11 +261,13 @@ def pipeline_phases(sft_steps: int) -> Phases:
 
 
 def _attempted(workdir: str) -> bool:
-    """Whether ``workdir`` holds records of an earlier attempt (killed or finished)."""
+    """Whether ``workdir`` holds records of an earlier attempt (killed or finished).
+    Process 0 (the one that writes them) decides for all: what follows is collective."""
     try:
-        return bool(read_metrics(workdir))
+        found = bool(read_metrics(workdir))
     except (OSError, ValueError):
-        return True  # unreadable: check_resumable / the writer's repair will say why
+        found = True  # unreadable: check_resumable / the writer's repair will say why
+    return multihost.from_main(found)
 
 
 def _boundary(run: Run, preemption: Preemption, phase: str) -> None:
@@ -293,7 +295,7 @@ def run_pipeline(cfg: Config, workdir: str) -> dict:
     ckpts = {}
     at = None  # the resume point (phase index, step), None for a fresh run
     if c.enabled:
-        ckpts = {p: Checkpointer(os.path.join(workdir, "checkpoints", p), every=c.every,
+        ckpts = {p: Checkpointer(fsio.join(workdir, "checkpoints", p), every=c.every,
                                  keep=c.keep) for p in PIPELINE_PHASES[1:]}
         for i, p in reversed(list(enumerate(PIPELINE_PHASES))):
             if i and ckpts[p].latest() is not None:
@@ -329,7 +331,7 @@ def run_pipeline(cfg: Config, workdir: str) -> dict:
         sft.finish()
         sft_model = sft.model()
         phase_eval(sft_model, "sft", sft.step)
-        _export_once(run, sft_model, os.path.join(workdir, "export", "sft"),
+        _export_once(run, sft_model, fsio.join(workdir, "export", "sft"),
                      redo=at is None or at[0] <= 1)
         _boundary(run, preemption, "sft")
         grpo = _phase_loop(GRPOLoop(run, sft_model), ckpts.get("grpo"), preemption)
@@ -337,7 +339,7 @@ def run_pipeline(cfg: Config, workdir: str) -> dict:
         grpo.finish()
         grpo_model = grpo.model()
         phase_eval(grpo_model, "sft+grpo", grpo.step)
-        _export_once(run, grpo_model, os.path.join(workdir, "export"),
+        _export_once(run, grpo_model, fsio.join(workdir, "export"),
                      redo=at is None or at[0] <= 2)
         extra = {"seconds": {"sft": sft.elapsed, "grpo": grpo.elapsed}}
         if cfg.control:
@@ -360,9 +362,9 @@ def run_pipeline(cfg: Config, workdir: str) -> dict:
         ck.close()
     _finish(run, evals, extra)
     if jax.process_index() == 0:
-        os.makedirs(os.path.join(workdir, "report"), exist_ok=True)
-        with open(os.path.join(workdir, "report", "summary.json"), "w") as f:
-            json.dump({"eval": evals, **extra}, f, indent=2)
+        fsio.makedirs(fsio.join(workdir, "report"))
+        fsio.write_text(fsio.join(workdir, "report", "summary.json"),
+                        json.dumps({"eval": evals, **extra}, indent=2))
     logging.info("pipeline done: %s", workdir)
     return evals
 
@@ -383,7 +385,7 @@ def _export_once(run: Run, model, out_dir: str, redo: bool) -> None:
     """Exports ``model`` unless a resumed run already has that export complete (the
     training-info file is written last)."""
     from dipr1_jax.train.policy import TRAINING_FILE
-    if redo or not os.path.isfile(os.path.join(out_dir, TRAINING_FILE)):
+    if redo or not fsio.isfile(fsio.join(out_dir, TRAINING_FILE)):
         export_policy(run, model, out_dir)
 
 

@@ -14,16 +14,19 @@
 ``export_policy(model, tokenizer, out_dir)`` writes the policy as a Hugging
 Face directory (config.json + safetensors + tokenizer files) that
 transformers loads and generates from.
+
+Both directories may be ``gs://`` URIs (``dipr1_jax.fsio``): a remote checkpoint is
+first copied to the local cache (``fsio.local_dir``), then loaded from there.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 
 from absl import logging
 
+from dipr1_jax import fsio
 from dipr1_jax.config import Config
 from dipr1_jax.model import create_model, load_hf, preset, save_hf
 from dipr1_jax.tokenizer import load_tokenizer
@@ -58,13 +61,14 @@ def load_policy(cfg: Config, mesh=None, path: str | None = None, vision_max_patc
     path = cfg.model.checkpoint if path is None else path
     rt = _runtime(cfg, vision_max_patches)
     if path:
-        if not os.path.isdir(path):
+        if not fsio.isdir(path):
             raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
-        if not os.path.isfile(os.path.join(path, "config.json")):
+        if not fsio.isfile(fsio.join(path, "config.json")):
             raise FileNotFoundError(f"{path}: no config.json (not a Hugging Face model directory)")
-        model = load_hf(path, mesh=mesh, **rt)
-        has_tok = os.path.isfile(os.path.join(path, "tokenizer.json"))
-        tokenizer = load_tokenizer(path if has_tok else None)
+        local = fsio.local_dir(path)  # itself when local; a cached copy of a gs:// directory
+        model = load_hf(local, mesh=mesh, **rt)
+        has_tok = os.path.isfile(os.path.join(local, "tokenizer.json"))
+        tokenizer = load_tokenizer(local if has_tok else None)
         if not has_tok:
             logging.warning("%s has no tokenizer.json: using the shipped tokenizer", path)
         _check_ids(model, tokenizer, path)
@@ -98,12 +102,11 @@ TRAINING_FILE = "dipr1_jax_training.json"
 
 def training_info(path: str) -> dict:
     """What the export at ``path`` was trained with (``TRAINING_FILE``; {} when absent)."""
-    f = os.path.join(path, TRAINING_FILE)
-    if not os.path.isfile(f):
+    f = fsio.join(path, TRAINING_FILE)
+    if not fsio.isfile(f):
         return {}
     try:
-        with open(f) as fh:
-            info = json.load(fh)
+        info = json.loads(fsio.read_text(f))
     except (OSError, ValueError) as e:
         logging.warning("%s: unreadable (%s); ignored", f, e)
         return {}
@@ -116,23 +119,24 @@ def export_policy(model, tokenizer, out_dir: str, min_pixels: int = 56 * 56,
     ``preprocessor_config.json`` with the pipeline's resize bounds when the tokenizer's
     directory has none, so AutoTokenizer / AutoImageProcessor and the model class load it.
     ``prompt_style`` (the prompts the policy was trained on) goes to ``TRAINING_FILE``, so
-    ``grpo`` / ``eval`` from this export prompt it the same way (``data.prompt_style=auto``)."""
+    ``grpo`` / ``eval`` from this export prompt it the same way (``data.prompt_style=auto``).
+    ``out_dir`` may be a ``gs://`` URI; every file is written whole (``fsio``)."""
     import jax
 
-    os.makedirs(out_dir, exist_ok=True)
+    fsio.makedirs(out_dir)
     save_hf(model, out_dir)
     if jax.process_index() == 0:
-        src = tokenizer.source
-        same = os.path.abspath(src) == os.path.abspath(out_dir)
+        src = tokenizer.source  # a local directory (a remote one was copied before loading)
+        same = not fsio.is_remote(out_dir) and os.path.abspath(src) == os.path.abspath(out_dir)
         for name in TOKENIZER_FILES:
             f = os.path.join(src, name)
             if os.path.isfile(f) and not same:
-                shutil.copyfile(f, os.path.join(out_dir, name))
-        pre = os.path.join(out_dir, "preprocessor_config.json")
-        if not os.path.isfile(pre):
-            with open(pre, "w") as fh:
-                json.dump(_preprocessor_config(model, min_pixels, max_pixels), fh, indent=2)
+                fsio.copy(f, fsio.join(out_dir, name))
+        pre = fsio.join(out_dir, "preprocessor_config.json")
+        if not fsio.isfile(pre):
+            fsio.write_text(pre, json.dumps(_preprocessor_config(model, min_pixels, max_pixels),
+                                            indent=2))
         if prompt_style:
-            with open(os.path.join(out_dir, TRAINING_FILE), "w") as fh:
-                json.dump({"prompt_style": prompt_style}, fh, indent=2)
+            fsio.write_text(fsio.join(out_dir, TRAINING_FILE),
+                            json.dumps({"prompt_style": prompt_style}, indent=2))
     return out_dir

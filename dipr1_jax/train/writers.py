@@ -18,12 +18,13 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 import warnings
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
+
+from dipr1_jax import fsio
 
 _RESERVED = ("step", "kind", "time", "final")
 
@@ -103,10 +104,9 @@ def _keeps(purge_step: int | None, phases: Phases | None, resume_phase: int):
 def _repair(path: str, keep=None) -> None:
     """Drop a torn last line and (with ``keep``, a resumed run) the records ``keep``
     rejects: what the resumed run will redo."""
-    if not os.path.exists(path):
+    if not fsio.exists(path):
         return
-    with open(path, "rb") as f:
-        data = f.read()
+    data = fsio.read_bytes(path)
     lines = data.split(b"\n")
     tail = lines.pop()  # b"" when the file ends with a newline
     if tail:
@@ -120,18 +120,59 @@ def _repair(path: str, keep=None) -> None:
         lines = [json.dumps(r).encode() for r in recs if keep(r)]
     new = b"".join(ln + b"\n" for ln in lines)
     if new != data:  # atomically: other processes of a multi-host run may be reading it
-        with open(path + ".tmp", "wb") as f:
-            f.write(new)
-        os.replace(path + ".tmp", path)
+        fsio.write_bytes(path, new)
+
+
+class _Lines:
+    """An append-only JSONL file. Local: appended and flushed record by record (a kill
+    loses nothing logged). On an object store (``gs://``), which cannot append: kept in
+    memory and rewritten whole at ``flush()`` and at most every ``REMOTE_FLUSH_SECONDS``
+    while logging (the loops flush before every checkpoint, so what a checkpoint covers
+    is written first)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.remote = fsio.is_remote(path)
+        if self.remote:
+            self._data = bytearray(fsio.read_bytes(path) if fsio.exists(path) else b"")
+            self._dirty, self._last = False, time.monotonic()
+        else:
+            self._f = open(path, "a", encoding="utf-8")
+
+    def append(self, text: str) -> None:
+        if not self.remote:
+            self._f.write(text)
+            self._f.flush()
+            return
+        self._data += text.encode("utf-8")
+        self._dirty = True
+        if time.monotonic() - self._last >= REMOTE_FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.remote:
+            if not self._f.closed:
+                self._f.flush()
+                os.fsync(self._f.fileno())
+        elif self._dirty:
+            fsio.write_bytes(self.path, bytes(self._data))
+            self._dirty, self._last = False, time.monotonic()
+
+    def close(self) -> None:
+        self.flush()
+        if not self.remote:
+            self._f.close()
+
+
+REMOTE_FLUSH_SECONDS = 30.0
 
 
 def ensure_writable(workdir: str) -> None:
-    """Creates ``workdir``; ``WorkdirError`` unless a file can be written there."""
+    """Creates ``workdir`` (a local path or a ``gs://`` URI); ``WorkdirError`` unless a
+    file can be written there (or no filesystem package handles its scheme)."""
     try:
-        os.makedirs(workdir, exist_ok=True)
-        with tempfile.TemporaryFile(dir=workdir):
-            pass
-    except OSError as e:
+        fsio.check_writable(workdir)
+    except (OSError, fsio.MissingBackendError, ValueError) as e:
         raise WorkdirError(f"run directory {workdir!r} is not writable: {e}") from e
 
 
@@ -160,11 +201,11 @@ class RunWriter:
         if not is_main:
             return
         ensure_writable(self.workdir)
-        paths = [os.path.join(self.workdir, n) for n in ("metrics.jsonl", "samples.jsonl")]
+        paths = [fsio.join(self.workdir, n) for n in ("metrics.jsonl", "samples.jsonl")]
         keep = _keeps(purge_step, phases, resume_phase)
         for p in paths:
             _repair(p, keep)
-        self._metrics, self._samples = (open(p, "a", encoding="utf-8") for p in paths)
+        self._metrics, self._samples = (_Lines(p) for p in paths)
         if tensorboard and phases is None:
             self._board(0)  # (the phases' writers open with their first event)
 
@@ -174,8 +215,10 @@ class RunWriter:
             from tensorboardX import SummaryWriter
             logdir = self.workdir
             purge = self._resume[1]
+            if fsio.is_remote(logdir):
+                fsio.register_tensorboardx()  # event files as whole objects
             if self._phases is not None:
-                logdir = os.path.join(self.workdir, "tensorboard", self._phases.names[phase])
+                logdir = fsio.join(self.workdir, "tensorboard", self._phases.names[phase])
                 if purge is not None:  # earlier phases keep all; later ones start over
                     purge = (None if phase < self._resume[0]
                              else purge if phase == self._resume[0] else 0)
@@ -188,15 +231,11 @@ class RunWriter:
     def write_config(self, config: Mapping[str, Any]) -> None:
         if not self.is_main:
             return
-        path = os.path.join(self.workdir, "config.json")
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(_jsonable(config), f, sort_keys=True, indent=2, allow_nan=False)
-            f.write("\n")
-        os.replace(path + ".tmp", path)
+        fsio.write_text(fsio.join(self.workdir, "config.json"), json.dumps(
+            _jsonable(config), sort_keys=True, indent=2, allow_nan=False) + "\n")
 
-    def _append(self, f, records: Sequence[dict]) -> None:
-        f.write("".join(json.dumps(_jsonable(r), allow_nan=False) + "\n" for r in records))
-        f.flush()
+    def _append(self, f: _Lines, records: Sequence[dict]) -> None:
+        f.append("".join(json.dumps(_jsonable(r), allow_nan=False) + "\n" for r in records))
 
     def log(self, step: int, metrics: Mapping[str, Any], kind: str = "train") -> None:
         """One ``metrics.jsonl`` record; numeric leaves also to TensorBoard as ``kind/key``."""
@@ -207,6 +246,8 @@ class RunWriter:
         self._append(self._metrics, [record])
         self._last_step = step
         self._scalars(step, record)
+        if kind == "eval" and self._metrics.remote:  # (rare, and what a resume reads back)
+            self.flush()
 
     def _scalars(self, step: int | None, record: dict) -> None:
         if not self._tensorboard or step is None or self._metrics is None:
@@ -237,17 +278,17 @@ class RunWriter:
         self.flush()
 
     def flush(self) -> None:
+        """Everything logged so far to storage (fsync locally; the objects rewritten on
+        ``gs://``)."""
         for f in (self._metrics, self._samples):
-            if f is not None and not f.closed:
+            if f is not None:
                 f.flush()
-                os.fsync(f.fileno())
         for tb in self._tb.values():
             tb.flush()
 
     def close(self) -> None:
         if not self.is_main or self._metrics is None:
             return
-        self.flush()
         for f in (self._metrics, self._samples, *self._tb.values()):
             if f is not None:
                 f.close()
@@ -263,11 +304,10 @@ class RunWriter:
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict]:
     """All records of ``workdir/metrics.jsonl``; a torn last line is skipped with a warning."""
-    path = os.path.join(os.fspath(workdir), "metrics.jsonl")
-    if not os.path.exists(path):
+    path = fsio.join(os.fspath(workdir), "metrics.jsonl")
+    if not fsio.exists(path):
         return []
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
+    lines = fsio.read_text(path).split("\n")
     out = []
     for i, line in enumerate(lines):
         if not line.strip():

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from absl import flags
 
-from dipr1_jax.config import Config, ConfigError, leaf_fields, optional_inner, replace_path
+from dipr1_jax.config import Config, ConfigError, leaf_fields, optional_inner, replace_paths
 
 PREFIX = "config"
 _HELP_FLAGS = {"-h", "-?", "--help", "--helpshort", "--helpfull", "--helpxml"}
@@ -138,15 +138,32 @@ def config_from_flags(flag_values=flags.FLAGS) -> Config:
     """The config of ``--config`` (or the defaults) with every given override applied."""
     path = flag_values[PREFIX].value
     cfg = load_config_file(path) if path else Config()
+    given: dict[str, Any] = {}
     for leaf, ann, _ in leaf_fields(cfg):
         flag = flag_values[f"{PREFIX}.{leaf}"]
         if not flag.present:
             continue
         try:
-            cfg = replace_path(cfg, leaf, _convert(flag.value, ann))
+            given[leaf] = _convert(flag.value, ann)
         except (ConfigError, ValueError, TypeError) as e:
             raise ConfigError(f"--{PREFIX}.{leaf}={flag.value}: {e}") from None
-    return cfg
+    try:  # all at once: fields valid only together (data.name + data.root) may be given
+        return replace_paths(cfg, given)
+    except (ConfigError, ValueError, TypeError) as together:
+        error = together
+    # Name the flags at fault: apply the overrides section by section (a section is
+    # validated as a whole), the first one that fails is reported with its flags.
+    sections: dict[str, dict[str, Any]] = {}
+    for leaf, value in given.items():
+        sections.setdefault(leaf.rpartition(".")[0], {})[leaf] = value
+    shown = lambda leaves: " ".join(  # noqa: E731
+        f"--{PREFIX}.{k}={flag_values[f'{PREFIX}.{k}'].value}" for k in leaves)
+    for group in sections.values():
+        try:
+            cfg = replace_paths(cfg, group)
+        except (ConfigError, ValueError, TypeError) as e:
+            raise ConfigError(f"{shown(group)}: {e}") from None
+    raise ConfigError(f"{shown(given)}: {error}") from None
 
 
 def parse_flags(argv: list[str], flag_values=flags.FLAGS) -> list[str]:

@@ -496,6 +496,27 @@ def leaf_fields(cfg: Any, prefix: str = "", with_help: bool = False) -> list[tup
     return out
 
 
+def replace_paths(cfg: Any, values: dict[str, Any]) -> Any:
+    """A copy of ``cfg`` with every dotted path of ``values`` set, each section replaced
+    (and so validated) once with all of its new values: fields that are only valid
+    together (``data.name=crowdhuman`` with ``data.root``) can be set together."""
+    names = [f.name for f in dataclasses.fields(cfg)]
+    groups: dict[str, dict[str, Any]] = {}
+    direct: dict[str, Any] = {}
+    for path, value in values.items():
+        head, _, rest = path.partition(".")
+        if head not in names:
+            raise ConfigError(f"{type(cfg).__name__} has no field {head!r} "
+                              f"(fields: {', '.join(names)})")
+        if rest:
+            groups.setdefault(head, {})[rest] = value
+        else:
+            direct[head] = value
+    for head, sub in groups.items():
+        direct[head] = replace_paths(getattr(cfg, head), sub)
+    return dataclasses.replace(cfg, **direct) if direct else cfg
+
+
 def replace_path(cfg: Any, path: str, value: Any) -> Any:
     """A copy of ``cfg`` with the dotted ``path`` set to ``value`` (re-validated)."""
     head, _, rest = path.partition(".")

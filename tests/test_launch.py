@@ -34,6 +34,19 @@ def test_range_error_names_the_flag():
         _flags(["--config.rewards.iou_threshold=1.5"])
 
 
+def test_fields_valid_only_together_can_be_given_together():
+    """A section is validated once with all of its overrides: data.name=crowdhuman needs
+    data.root, and each alone (in either order) is no valid section."""
+    cfg = _flags(["--config.data.name=crowdhuman", "--config.data.root=/data/ch"])
+    assert (cfg.data.name, cfg.data.root) == ("crowdhuman", "/data/ch")
+    with pytest.raises(ConfigError, match=r"^--config.data.name=crowdhuman: .*needs data.root"):
+        _flags(["--config.data.name=crowdhuman"])
+    # With a valid data section, a bad value elsewhere is named alone.
+    with pytest.raises(ConfigError, match=r"^--config.grpo.beta=-1(\.0)?: GRPOConfig.beta"):
+        _flags(["--config.data.root=/data/ch", "--config.data.name=crowdhuman",
+                "--config.grpo.beta=-1"])
+
+
 def test_bad_config_files(tmp_path):
     (tmp_path / "noget.py").write_text("x = 1\n")
     (tmp_path / "wrong.py").write_text("def get_config():\n    return {'beta': 1}\n")

@@ -209,3 +209,12 @@ def test_unwritable_workdir_fails_before_any_compute(tmp_path, env):
     assert out.returncode == 2
     assert "not writable" in out.stderr
     assert "parameters) on" not in out.stdout  # no model was built
+
+
+def test_missing_dataset_fails_before_the_model_loads(tmp_path, env):
+    out = launch(SFT + ["--config.data.name=crowdhuman",
+                        f"--config.data.root={tmp_path}/no_such_dir"],
+                 str(tmp_path / "run"), env, timeout=300)
+    assert out.returncode == 2
+    assert f"data.root='{tmp_path}/no_such_dir' is not a directory" in out.stderr
+    assert "parameters) on" not in out.stdout  # no model was built

@@ -293,6 +293,26 @@ def ood_section(cfg: DataSection, ood) -> DataSection:
                       category=ood.category or cfg.category)
 
 
+def check_data(cfg) -> None:
+    """The in-domain dataset's name and root, checked at start-up (before the model loads,
+    which takes minutes at 7B): a reader that does not exist or a ``data.root`` that is not
+    a directory fails here with the message the first read would give."""
+    from dipr1_jax.config import ConfigError
+    d = cfg.data
+    if d.name == "synthetic":
+        return
+    if d.name.startswith("tfds:"):
+        if d.root and not os.path.isdir(d.root):
+            raise FileNotFoundError(f"data.root={d.root!r} is not a directory "
+                                    f"(data.name={d.name})")
+        return
+    if d.name not in READERS:
+        raise ConfigError(f"data.name={d.name}: no reader (readers: "
+                          f"{', '.join(sorted(READERS))}, synthetic, tfds:<builder>)")
+    if not os.path.isdir(d.root):
+        raise FileNotFoundError(f"data.root={d.root!r} is not a directory (data.name={d.name})")
+
+
 def check_ood(cfg) -> None:
     """Reads the annotations of every ``eval.ood`` set of the config (``Config``) once, so
     that a missing root, split or file fails at start-up, before any compute, with the

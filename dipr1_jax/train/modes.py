@@ -142,7 +142,8 @@ def memory_plan(cfg: Config, mesh) -> None:
 
 
 def _load(cfg: Config, workdir: str, init_path: str | None = None):
-    train_data.check_ood(cfg)  # a missing out-of-domain set fails before any compute
+    train_data.check_data(cfg)  # a missing dataset fails before any compute
+    train_data.check_ood(cfg)
     mesh = st.build_mesh(cfg.mesh)
     memory_plan(cfg, mesh)
     model, tokenizer, desc = load_policy(cfg, mesh, init_path)

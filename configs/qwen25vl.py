@@ -157,10 +157,10 @@ def get_config(arg: str | None = None) -> Config:
         # decay, global-norm clip 1.
         train=TrainSection(
             steps=GRPO_STEPS, batch_size=GRPO_BATCH, micro_batch_size=lay.get("micro", 0),
-            # The vision tower is trained too: model.remat with a frozen tower fails in
-            # this build (nnx.remat of the vision blocks; BUILD_NOTES). Freezing it (DIP-R1
-            # and VLM-R1 tune the language model) saves the optimizer state, gradients
-            # and reference copy of 0.67B parameters once that is fixed.
+            # The vision tower is trained too (as planned in BUILD_NOTES). Freezing it
+            # (--config.train.freeze_vision=true; works with model.remat since session 8)
+            # saves the optimizer state, gradients and reference copy of its 0.67B
+            # parameters.
             freeze_vision=False,
             optim=OptimSection(learning_rate=1e-6, warmup_steps=10, end_lr_ratio=0.1,
                                weight_decay=0.0, b1=0.9, b2=0.999, grad_clip=1.0)),

@@ -145,3 +145,35 @@ def test_padding_row_is_inert_in_the_dr_grpo_denominator(setup):
     np.testing.assert_allclose(float(s_two["loss_sum"]), float(s_full["loss_sum"]), rtol=1e-5)
     for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(two)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-7)
+
+
+def test_remat_with_a_frozen_vision_tower_changes_nothing(setup):
+    """``model.remat`` (jax.checkpoint around every block) with ``freeze_vision``: the
+    frozen tower's parameters come from outside the gradient trace, and the sampler's
+    decode loop closes over the model; both used to fail ("Cannot mutate Param from a
+    different trace level"). Rematerialisation must change neither rollouts nor grads."""
+    import dataclasses
+    tok, model, batch, out = setup
+    rm = create_model(dataclasses.replace(preset("tiny"), remat="full"), seed=0)
+    again = sampler.generate(rm, batch["input_ids"], batch["attention_mask"],
+                             batch["pixel_values"], batch["image_grid_thw"], group_size=G,
+                             max_new_tokens=12, temperature=TEMP,
+                             eos_token_ids=[tok.im_end_token_id], rng=jax.random.key(3),
+                             pad_token_id=tok.pad_token_id)
+    np.testing.assert_array_equal(np.asarray(again.tokens), np.asarray(out.tokens))
+    cfg = GRPOConfig(beta=0.0)
+    t = _train_batch(batch, out)
+    keep = np.broadcast_to(batch["valid"][:, None], out.lengths.shape)
+    denom = float(loss_denominator(t["completion_mask"], cfg, keep))
+    got = []
+    for m in (model, rm):
+        policy = st.Policy.from_model(m)
+        params, frozen = policy.split(True)  # the vision tower frozen
+        assert not any("visual" in str(k) for k in params)
+        fn = _jit(make_grpo_grads(policy.graphdef, cfg, temperature=TEMP, chunk=8))
+        got.append(fn(params, frozen, tb.split_micro_batches(t, 1), denom))
+    (g0, s0), (g1, s1) = got
+    np.testing.assert_allclose(float(s1["loss_sum"]), float(s0["loss_sum"]), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-8)
+    assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g1)) > 0

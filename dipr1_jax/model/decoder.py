@@ -194,7 +194,7 @@ class TextDecoder(nnx.Module):
             attention_mask, x, position_ids, T, index)
         cos, sin = mrope_cos_sin(position_ids, t.head_dim, t.rope_theta, t.mrope_section)
         policy = L.remat_policy(cfg.remat)
-        fn = _call_layer if policy is None else nnx.remat(_call_layer, policy=policy)
+        fn = L.remat_call(_call_layer, policy)
         if cfg.scan_layers:
             kvs = (cache.k, cache.v) if cache is not None else None
 

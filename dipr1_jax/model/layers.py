@@ -155,6 +155,23 @@ def apply_rotary(x, cos, sin):
     return (x32 * c + rotate_half(x32) * s).astype(x.dtype)
 
 
+def remat_call(fn, policy):
+    """``fn(module, x, *rest)`` rematerialised under ``jax.checkpoint(policy)``; ``fn``
+    itself when ``policy`` is None. Functional: the module is split, and its state passed
+    in and merged inside, nothing written back (``nnx.remat`` writes the state back, which
+    fails for parameters from an outer trace: the frozen vision tower of a train step, the
+    model closed over by the sampler's decode loop). ``rest`` (masks, rotary tables, the
+    KV cache, Python ints) is closed over."""
+    if policy is None:
+        return fn
+
+    def call(module, x, *rest):
+        graphdef, state = nnx.split(module)
+        return jax.checkpoint(lambda st, h: fn(nnx.merge(graphdef, st), h, *rest),
+                              policy=policy)(state, x)
+    return call
+
+
 def remat_policy(name: str):
     """jax.checkpoint policy by name (None = no remat)."""
     if name == "none":

@@ -339,7 +339,7 @@ class VisionTower(nnx.Module):
             if policy is None:
                 x = blk(x, cos, sin, mask)
             else:
-                x = nnx.remat(lambda b, *a: b(*a), policy=policy)(blk, x, cos, sin, mask)
+                x = L.remat_call(lambda b, h, *a: b(h, *a), policy)(blk, x, cos, sin, mask)
             x = constrain(x, axes)
         return x, lay
 

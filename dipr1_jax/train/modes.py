@@ -323,25 +323,26 @@ def run_pipeline(cfg: Config, workdir: str) -> dict:
         evals[name] = prev if prev is not None else evaluate(run, m, name, step)
         evaluate_ood(run, m, name, step, evals, reuse=reuse)
 
+    def train_phase(loop, index: int, name: str, export_dir: str):
+        """Trains (or restores) phase ``index``, evaluates its policy as ``name`` and
+        exports it; returns the loop and the policy."""
+        loop = _phase_loop(loop, ckpts.get(PIPELINE_PHASES[index]), preemption)
+        loop.train(on_eval=_periodic(run, name))
+        loop.finish()
+        policy = loop.model()
+        phase_eval(policy, name, loop.step)
+        _export_once(run, policy, export_dir, redo=at is None or at[0] <= index)
+        return loop, policy
+
     evals: dict = {}
     with Preemption() as preemption:
         phase_eval(model, "base", 0)
         _boundary(run, preemption, "base")
-        sft = _phase_loop(SFTLoop(run, model), ckpts.get("sft"), preemption)
-        sft.train(on_eval=_periodic(run, "sft"))
-        sft.finish()
-        sft_model = sft.model()
-        phase_eval(sft_model, "sft", sft.step)
-        _export_once(run, sft_model, fsio.join(workdir, "export", "sft"),
-                     redo=at is None or at[0] <= 1)
+        sft, sft_model = train_phase(SFTLoop(run, model), 1, "sft",
+                                     fsio.join(workdir, "export", "sft"))
         _boundary(run, preemption, "sft")
-        grpo = _phase_loop(GRPOLoop(run, sft_model), ckpts.get("grpo"), preemption)
-        grpo.train(on_eval=_periodic(run, "sft+grpo"))
-        grpo.finish()
-        grpo_model = grpo.model()
-        phase_eval(grpo_model, "sft+grpo", grpo.step)
-        _export_once(run, grpo_model, fsio.join(workdir, "export"),
-                     redo=at is None or at[0] <= 2)
+        grpo, _ = train_phase(GRPOLoop(run, sft_model), 2, "sft+grpo",
+                              fsio.join(workdir, "export"))
         extra = {"seconds": {"sft": sft.elapsed, "grpo": grpo.elapsed}}
         if cfg.control:
             _boundary(run, preemption, "grpo")

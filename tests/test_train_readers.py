@@ -283,3 +283,20 @@ def test_coco_category_must_exist(datasets):
         train_data.source(DataSection(name="coco", root=root, category="dog"), "val")
     cars = train_data.source(DataSection(name="coco", root=root, category="car"), "val")
     assert [r.num_boxes for r in cars] == [1, 1, 1] and set(cars[0].labels) == {"car"}
+
+
+def test_check_data_at_start_up(tmp_path):
+    """``check_data`` (run before the model loads) names a missing root, says that a bucket
+    path must be copied to local disk first, and accepts a present one."""
+    from dipr1_jax.config import Config, replace_paths
+
+    def cfg(root):
+        return replace_paths(Config(), {"data.name": "crowdhuman", "data.root": root})
+
+    with pytest.raises(FileNotFoundError, match=re.escape(f"data.root='{tmp_path}/x'")) as e:
+        train_data.check_data(cfg(f"{tmp_path}/x"))
+    assert "local disk" not in str(e.value)
+    with pytest.raises(FileNotFoundError, match="read from local disk: copy it there first"):
+        train_data.check_data(cfg("gs://bucket/crowdhuman"))
+    train_data.check_data(cfg(str(tmp_path)))  # a directory: the reader checks the rest
+    train_data.check_data(Config())  # synthetic: nothing to check

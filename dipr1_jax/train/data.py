@@ -45,7 +45,7 @@ def reader_source(cfg: DataSection, split: str):
         raise ValueError(f"data.name={cfg.name}: no reader (readers: {', '.join(sorted(READERS))})")
     if not os.path.isdir(cfg.root):
         raise FileNotFoundError(f"data.root={cfg.root!r} is not a directory "
-                                f"(data.name={cfg.name})")
+                                f"(data.name={cfg.name}){_remote_hint(cfg.root)}")
     # COCO files hold many categories: the task's category (the one the prompts name) is read.
     kw = {"category": cfg.category} if cfg.name == "coco" else {}
     records = READERS[cfg.name](cfg.root, split, **kw)
@@ -310,7 +310,16 @@ def check_data(cfg) -> None:
         raise ConfigError(f"data.name={d.name}: no reader (readers: "
                           f"{', '.join(sorted(READERS))}, synthetic, tfds:<builder>)")
     if not os.path.isdir(d.root):
-        raise FileNotFoundError(f"data.root={d.root!r} is not a directory (data.name={d.name})")
+        raise FileNotFoundError(f"data.root={d.root!r} is not a directory "
+                                f"(data.name={d.name}){_remote_hint(d.root)}")
+
+
+def _remote_hint(root: str) -> str:
+    from dipr1_jax import fsio
+    if not fsio.is_remote(root):
+        return ""
+    return ("; datasets are read from local disk: copy it there first (on a TPU slice: "
+            "launch/run.sh --pull SRC=DIR, see launch/README.md)")
 
 
 def check_ood(cfg) -> None:

@@ -326,6 +326,9 @@ class SFTSection(_Validated):
     target_style: Literal["json", "compact"] = _f(
         "compact", "json: {bbox_2d, label} entries as the prompt asks; compact: bare lists")
     max_look: int = _f(2, "look boxes in a target (the hardest GT instances)")
+    max_target_tokens: int = _f(
+        0, "an example whose target is longer does not train (counted as long_targets, "
+        "its image id logged): bounds the step's shape; 0: no cap")
     freeze_vision: bool = _f(False, "no gradients / optimizer state for the vision tower")
     optim: OptimSection = dataclasses.field(default_factory=OptimSection)
 
@@ -333,6 +336,7 @@ class SFTSection(_Validated):
         self._require(self.steps >= 0, "steps", "must be >= 0")
         self._require(self.batch_size >= 1, "batch_size", "must be >= 1")
         self._require(self.max_look >= 0, "max_look", "must be >= 0")
+        self._require(self.max_target_tokens >= 0, "max_target_tokens", "must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -177,3 +177,31 @@ def test_remat_with_a_frozen_vision_tower_changes_nothing(setup):
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-8)
     assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g1)) > 0
+
+
+def test_sft_targets_over_the_cap_do_not_train(tmp_path):
+    """``sft.max_target_tokens``: an example whose target is longer becomes a row that
+    trains nothing (no completion tokens), the others are unchanged, and the loop counts
+    the skipped ones; the same data without the cap keeps every row."""
+    from dipr1_jax.train import modes
+    from dipr1_jax.train.loop import SFTLoop
+    from test_train_modes import tiny_config
+
+    def first_batch(cap, name):
+        cfg = tiny_config(**{"sft.max_target_tokens": cap, "data.synthetic_max_people": 6,
+                             "sft.batch_size": 8})
+        run, model = modes._prepare(cfg, str(tmp_path / name))
+        loop = SFTLoop(run, model)
+        return loop.batch(), loop
+
+    full, _ = first_batch(0, "a")
+    lengths = full["completion_mask"][:, 0].sum(-1).astype(int)
+    cap = int(np.median(lengths))
+    over = lengths > cap
+    assert over.any() and not over.all(), lengths  # the test needs both kinds of rows
+    capped, loop = first_batch(cap, "b")
+    got = capped["completion_mask"][:, 0].sum(-1).astype(int)
+    np.testing.assert_array_equal(got, np.where(over, 0, lengths))
+    np.testing.assert_array_equal(capped["input_ids"], full["input_ids"])  # same data
+    assert loop.long_targets == int(over.sum())
+    assert capped["completion"].shape[-1] <= max(16, -(-cap // 16) * 16)  # bucketed by 16

@@ -219,12 +219,20 @@ class SFTLoop(_Loop):
     def __init__(self, run: Run, model):
         c = run.cfg
         super().__init__(run, model, c.sft.optim, c.sft.steps, c.sft.freeze_vision)
+        self.long_targets = 0  # examples skipped for sft.max_target_tokens
         from dipr1_jax.train.data import train_iterator
         self.data = train_iterator(c.data, run.tokenizer, c.sft.batch_size, c.seed,
                                    "sft.batch_size")
         self.step_fn = make_sft_step(self.policy.graphdef, self.optim, self.total_steps,
                                      chunk=c.model.logprob_chunk,
                                      state_shardings=self.state_shardings)
+
+    def _extra(self) -> dict:
+        return {**super()._extra(), "long_targets": self.long_targets}
+
+    def _load_extra(self, extra: dict) -> None:
+        super()._load_extra(extra)
+        self.long_targets = int(extra.get("long_targets", 0))
 
     def batch(self) -> dict:
         c = self.run.cfg
@@ -234,6 +242,14 @@ class SFTLoop(_Loop):
         tok = self.run.tokenizer
         ids = [target_ids(tok, t, tok.im_end_token_id) if v else np.zeros((0,), np.int32)
                for t, v in zip(texts, batch["valid"])]
+        cap = c.sft.max_target_tokens
+        if cap:  # too long for the planned step: the row trains nothing (like padding)
+            long = [b for b, t in enumerate(ids) if len(t) > cap]
+            for b in long:
+                logging.info("sft: %s skipped: its target has %d tokens > "
+                             "sft.max_target_tokens=%d", batch["image_id"][b], len(ids[b]), cap)
+                ids[b] = np.zeros((0,), np.int32)
+            self.long_targets += int(_rows(np.asarray([len(long)])).sum())
         out = tb.sft_batch(batch, ids, tok.pad_token_id)
         # The image-token / patch counts, checked here on the host (the jitted step only
         # turns a mismatch into NaN features; see qwen_vl.scatter_image_embeds).
@@ -261,6 +277,8 @@ class SFTLoop(_Loop):
                 self.elapsed += dt
                 m["tokens_per_s"] = m["tokens"] / max(dt, 1e-9)
                 m["time/update"] = dt
+                if self.run.cfg.sft.max_target_tokens:
+                    m["long_targets"] = self.long_targets  # skipped so far (all processes)
                 self._guard(m)
                 left = None
                 if seconds is not None:  # a time budget: show progress against it

@@ -77,7 +77,8 @@ Batch shapes follow the data pipeline (``data/pipeline.py``): synthetic images a
 ``data.max_pixels``; prompts are the chat template's text tokens (the job's tokenizer)
 plus the image tokens, rounded up to the pipeline's quarter-octave buckets; GRPO
 completions are ``rollout.max_new_tokens`` long; SFT targets are planned at
-``rollout.max_new_tokens`` (``sft_target_len=`` for longer ones). ``StepShapes`` can be
+``sft.max_target_tokens`` (longer targets are skipped), else ``rollout.max_new_tokens``
+(``sft_target_len=`` overrides both). ``StepShapes`` can be
 given explicitly.
 
 Accuracy (XLA CPU compile, ``small`` / ``bench-100m`` presets, float32; the test checks
@@ -225,7 +226,8 @@ def step_shapes(cfg: Config, kind: str, *, mcfg=None, tokenizer=None,
         patches = _round_up((b // m) * per_image, 64)  # batch.split_micro_batches
     elif kind == "sft":
         b, m, g = cfg.sft.batch_size, 1, 1
-        tc = _round_up(sft_target_len or new, 16)  # batch.sft_batch buckets targets by 16
+        # batch.sft_batch buckets targets by 16; sft.max_target_tokens bounds them
+        tc = _round_up(sft_target_len or cfg.sft.max_target_tokens or new, 16)
         patches = bucket(b * per_image, ())
     elif kind == "eval":
         b, m, g = cfg.eval.batch_size, 1, 1

@@ -164,7 +164,6 @@ def _decode(graphdef, state, cache, cache_mask, logits, next_pos, keys, skip, *,
             max_new_tokens: int,
             temperature: float, top_k: int, top_p: float, eos_ids: tuple, pad_id: int,
             suppress: tuple = ()):
-    model = nnx.merge(graphdef, state)
     N = logits.shape[0]
     eos = jnp.asarray(eos_ids, jnp.int32)
     t0 = cache.index  # first generated slot (== padded prompt length)
@@ -192,6 +191,9 @@ def _decode(graphdef, state, cache, cache_mask, logits, next_pos, keys, skip, *,
         done = done | jnp.any(tok[:, None] == eos[None, :], axis=-1)
         cache_mask = jax.lax.dynamic_update_slice(cache_mask, jnp.ones((N, 1), bool), (0, t0 + i))
         pos = jnp.broadcast_to((next_pos + i)[None, :, None], (3, N, 1))
+        # The model is built inside the loop's trace: nnx transforms in the decoder
+        # (nnx.scan over scan_layers) refuse Variables of the enclosing trace.
+        model = nnx.merge(graphdef, jax.tree.map(lambda x: x, state))  # fresh Variables
         hidden, cache = model.decoder(model.embed(tok[:, None]), pos, cache_mask, cache)
         cache = _constrain_cache(cache)
         logits = model.decoder.logits(hidden[:, 0])

@@ -147,6 +147,26 @@ def test_padding_row_is_inert_in_the_dr_grpo_denominator(setup):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-7)
 
 
+def test_sampler_with_scanned_layers_gives_the_same_rollouts(setup, tmp_path):
+    """``model.scan_layers`` (and remat) in the sampler's decode loop: ``nnx.scan`` refused
+    the Variables of the enclosing trace ("Cannot extract graph node from different trace
+    level"), so every evaluation and rollout of a scanned model failed. The same weights
+    (saved and loaded back scanned) decode the same tokens as the layer loop."""
+    from dipr1_jax.model import load_hf, save_hf
+    tok, model, batch, out = setup
+    save_hf(model, str(tmp_path / "m"))
+    for remat in ("none", "full"):
+        scanned = load_hf(str(tmp_path / "m"), scan_layers=True, remat=remat)
+        again = sampler.generate(scanned, batch["input_ids"], batch["attention_mask"],
+                                 batch["pixel_values"], batch["image_grid_thw"], group_size=G,
+                                 max_new_tokens=12, temperature=TEMP,
+                                 eos_token_ids=[tok.im_end_token_id], rng=jax.random.key(3),
+                                 pad_token_id=tok.pad_token_id)
+        np.testing.assert_array_equal(np.asarray(again.tokens), np.asarray(out.tokens))
+        np.testing.assert_allclose(np.asarray(again.logprobs), np.asarray(out.logprobs),
+                                   rtol=1e-4, atol=1e-5)
+
+
 def test_remat_with_a_frozen_vision_tower_changes_nothing(setup):
     """``model.remat`` (jax.checkpoint around every block) with ``freeze_vision``: the
     frozen tower's parameters come from outside the gradient trace, and the sampler's

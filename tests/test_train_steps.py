@@ -24,6 +24,15 @@ G = 3
 TEMP = 0.9
 
 
+def _generate(model, tok, batch):
+    """The rollouts every test here compares: G completions of 12 tokens, key 3."""
+    return sampler.generate(model, batch["input_ids"], batch["attention_mask"],
+                            batch["pixel_values"], batch["image_grid_thw"], group_size=G,
+                            max_new_tokens=12, temperature=TEMP,
+                            eos_token_ids=[tok.im_end_token_id], rng=jax.random.key(3),
+                            pad_token_id=tok.pad_token_id)
+
+
 @pytest.fixture(scope="module")
 def setup():
     tok = load_tokenizer(None)
@@ -33,11 +42,7 @@ def setup():
     cfg = PipelineConfig(batch_size=3, shuffle=False, num_epochs=1, prompt_style="short")
     batch = next(iter(make_dataset(src, cfg, tok)))
     assert batch["valid"].tolist() == [True, True, False]
-    out = sampler.generate(model, batch["input_ids"], batch["attention_mask"],
-                           batch["pixel_values"], batch["image_grid_thw"], group_size=G,
-                           max_new_tokens=12, temperature=TEMP, eos_token_ids=[tok.im_end_token_id],
-                           rng=jax.random.key(3), pad_token_id=tok.pad_token_id)
-    return tok, model, batch, out
+    return tok, model, batch, _generate(model, tok, batch)
 
 
 def _train_batch(batch, out, adv=None):
@@ -157,11 +162,7 @@ def test_sampler_with_scanned_layers_gives_the_same_rollouts(setup, tmp_path):
     save_hf(model, str(tmp_path / "m"))
     for remat in ("none", "full"):
         scanned = load_hf(str(tmp_path / "m"), scan_layers=True, remat=remat)
-        again = sampler.generate(scanned, batch["input_ids"], batch["attention_mask"],
-                                 batch["pixel_values"], batch["image_grid_thw"], group_size=G,
-                                 max_new_tokens=12, temperature=TEMP,
-                                 eos_token_ids=[tok.im_end_token_id], rng=jax.random.key(3),
-                                 pad_token_id=tok.pad_token_id)
+        again = _generate(scanned, tok, batch)
         np.testing.assert_array_equal(np.asarray(again.tokens), np.asarray(out.tokens))
         np.testing.assert_allclose(np.asarray(again.logprobs), np.asarray(out.logprobs),
                                    rtol=1e-4, atol=1e-5)
@@ -175,11 +176,7 @@ def test_remat_with_a_frozen_vision_tower_changes_nothing(setup):
     import dataclasses
     tok, model, batch, out = setup
     rm = create_model(dataclasses.replace(preset("tiny"), remat="full"), seed=0)
-    again = sampler.generate(rm, batch["input_ids"], batch["attention_mask"],
-                             batch["pixel_values"], batch["image_grid_thw"], group_size=G,
-                             max_new_tokens=12, temperature=TEMP,
-                             eos_token_ids=[tok.im_end_token_id], rng=jax.random.key(3),
-                             pad_token_id=tok.pad_token_id)
+    again = _generate(rm, tok, batch)
     np.testing.assert_array_equal(np.asarray(again.tokens), np.asarray(out.tokens))
     cfg = GRPOConfig(beta=0.0)
     t = _train_batch(batch, out)
